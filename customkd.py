@@ -61,9 +61,9 @@ class Abort(ValueError):
         self.code = code
 
 
-def fail(msg):
+def fail(msg, code=2):
     print(f'customkd: error: {msg}', file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def build_parser():
@@ -71,38 +71,38 @@ def build_parser():
     p.error = fail  # one line, exit 2, instead of argparse's usage dump
     g = p.add_argument_group('data')
     g.add_argument('--dataset', default='cifar100', choices=['cifar100', 'cifar10', 'synthetic', 'folder'],
-                   help='cifar100/cifar10 (downloaded into --data-dir), synthetic (generated, offline), folder (ImageFolder trees)')
+                   help='cifar100/cifar10 (downloaded to --data-dir), synthetic (generated offline), folder (class folders)')
     g.add_argument('--data-dir', default='./data', help='where CIFAR lives or is downloaded to (default ./data)')
-    g.add_argument('--train-dir', help='folder dataset: class folders of training (labeled-candidate) images')
+    g.add_argument('--train-dir', help='folder dataset: class folders of training images (the labeled candidates)')
     g.add_argument('--test-dir', help='folder dataset: class folders of test images')
-    g.add_argument('--unlabeled-dir', help='folder dataset: class folders used as the unlabeled set instead of --train-dir '
-                   '(domain adaptation: source = train, target = unlabeled and test); their labels are never used')
+    g.add_argument('--unlabeled-dir', help='folder dataset: class folders that replace --train-dir as the unlabeled set '
+                   '(domain adaptation: its labels are never read)')
     g.add_argument('--image-size', type=int, help='size synthetic/folder images are stored at (default 224; synthetic 32)')
-    g.add_argument('--synthetic-size', type=int, default=1600, help='synthetic dataset: number of training images (test: a quarter)')
-    g.add_argument('--labels', default='10pct', help="labeled set: a percentage per class ('10pct'), a total count "
-                   "divisible by the number of classes ('400'), or 'all' (default 10pct)")
+    g.add_argument('--synthetic-size', type=int, default=1600, help='synthetic: training images (test: a quarter more)')
+    g.add_argument('--labels', default='10pct', help="labeled set: per-class percentage ('10pct'), total count divisible "
+                   "by the class count ('400'), or 'all' (default 10pct)")
     g.add_argument('--split-seed', type=int, default=0, help='seed of the labeled split, independent of --seed (default 0)')
     g = p.add_argument_group('models (any timm name)')
-    g.add_argument('--teacher', help=f"frozen teacher (default {COMMON['teacher']}; synthetic: a 2-block ViT-Tiny)")
+    g.add_argument('--teacher', help=f"frozen teacher (default {COMMON['teacher']}; synthetic: 2-block ViT-Tiny)")
     g.add_argument('--student', help=f"student (default {COMMON['student']}; synthetic: mobilenetv3_small_050)")
     g.add_argument('--teacher-kwargs', help='JSON of extra timm.create_model arguments for the teacher, e.g. \'{"depth": 2}\'')
     g.add_argument('--student-kwargs', help='JSON of extra timm.create_model arguments for the student')
     g.add_argument('--teacher-res', type=int, help='teacher input size in pixels (default 224; synthetic 32)')
     g.add_argument('--student-res', type=int, help='student input size in pixels (default 224; synthetic 32)')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction,
-                   help='load pretrained weights from the Hugging Face hub (default on; synthetic off); --no-pretrained for random init')
-    g.add_argument('--teacher-weights', help='local weight file for the teacher (loaded by timm; position embeddings resized)')
-    g.add_argument('--student-weights', help='local weight file for the student (loaded by timm)')
+                   help='pretrained weights from the Hugging Face hub (default on; synthetic off); --no-pretrained: random')
+    g.add_argument('--teacher-weights', help='local teacher weight file, loaded by timm (position embeddings resized)')
+    g.add_argument('--student-weights', help='local student weight file, loaded by timm')
     g.add_argument('--proj-act', default='auto', choices=['auto', 'none'],
-                   help="end P_c with the student's own final activation when its feature comes out of one (auto) or not (none)")
+                   help="end P_c with the student's final activation when f_s comes out of one (auto), or not (none)")
     g = p.add_argument_group('method (paper Eq. 1-5)')
     g.add_argument('--w-custom', type=float, default=1.0, help='weight of L_f~t = MSE(f_s, P_c(f_t)) (default 1)')
     g.add_argument('--w-general', type=float, default=1.0, help='weight of L_ft = MSE(P_g(f_s), f_t) (default 1)')
     g.add_argument('--w-sup', type=float, default=1.0, help='weight of the supervised CE on labeled images (default 1)')
     g.add_argument('--w-ent', type=float, default=1.0, help='weight of entropy minimisation on unlabeled images (default 1)')
-    g.add_argument('--custom-every', type=int, default=1, help='run the customization stage every N epochs (default 1, the paper\'s best)')
+    g.add_argument('--custom-every', type=int, default=1, help="run stage 1 every N epochs (default 1, the paper's best)")
     g.add_argument('--custom-head', default='student', choices=['student', 'random'],
-                   help="head that reads P_c(f_t) in stage 1: the student's own (CustomKD) or a fresh frozen random one (ablation)")
+                   help="head reading P_c(f_t) in stage 1: the student's own (CustomKD) or a frozen random one (ablation)")
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, help='epochs, each = stage 1 + stage 2 (default 30; synthetic 5)')
     g.add_argument('--batch-size', type=int, help='labeled images per step (default 64; synthetic 16)')
@@ -112,16 +112,16 @@ def build_parser():
     g.add_argument('--weight-decay', type=float, default=5e-5, help='SGD weight decay (default 5e-5)')
     g = p.add_argument_group('speed')
     g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto = cuda if available (default)')
-    g.add_argument('--teacher-cache', action='store_true',
-                   help='compute teacher features once per image (plain and flipped view) and reuse them in both stages')
+    g.add_argument('--teacher-cache', action='store_true', help='teacher features computed once per image (plain and '
+                   'flipped view) and reused in both stages')
     g.add_argument('--compile', action='store_true', help='torch.compile the teacher and student feature functions')
-    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (exact resume on CPU; slower on GPU)')
+    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (exact resume; slower on GPU)')
     g = p.add_argument_group('run')
     g.add_argument('--seed', type=int, default=0, help='seed of everything except the labeled split (default 0)')
     g.add_argument('--eval-every', type=int, default=1, help='evaluate every N epochs and at the last (default 1)')
-    g.add_argument('--cka-samples', type=int, default=1000, help='test images for the CKA diagnostic; 0 turns it off (default 1000)')
+    g.add_argument('--cka-samples', type=int, default=1000, help='test images for the CKA diagnostic; 0: off (default 1000)')
     g.add_argument('--out-dir', help='run directory (default runs/DATASET-LABELS-seedSEED)')
-    g.add_argument('--resume', action='store_true', help="continue the run in --out-dir from its checkpoint.pt")
+    g.add_argument('--resume', action='store_true', help='continue the run in --out-dir from its checkpoint.pt')
     g.add_argument('--overwrite', action='store_true', help='replace the outputs of an existing run directory')
     return p
 
@@ -132,11 +132,9 @@ def parse_args(argv=None):
     for k, v in {**COMMON, **PRESETS.get(args.dataset, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for k in ('epochs', 'batch_size', 'mu', 'custom_every', 'eval_every', 'teacher_res', 'student_res', 'image_size', 'synthetic_size'):
-        if getattr(args, k) <= 0:
-            p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    for k in ('lr', 'lr_custom'):
-        if not getattr(args, k) > 0:
+    for k in ('epochs', 'batch_size', 'mu', 'lr', 'lr_custom', 'custom_every', 'eval_every', 'teacher_res', 'student_res',
+              'image_size', 'synthetic_size'):
+        if not getattr(args, k) > 0:  # also rejects NaN
             p.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     if min(args.w_custom, args.w_general, args.w_sup, args.w_ent, args.weight_decay, args.cka_samples) < 0:
         p.error('loss weights, --weight-decay and --cka-samples must not be negative')
@@ -149,10 +147,7 @@ def parse_args(argv=None):
         p.error('--dataset folder needs --train-dir and --test-dir')
     if args.resume and args.overwrite:
         p.error('--resume continues a run and --overwrite replaces it: choose one')
-    try:
-        parse_labels(args.labels)
-    except Abort as e:
-        p.error(str(e))
+    parse_labels(args.labels)  # raises Abort on nonsense, before any work
     args.out_dir = args.out_dir or os.path.join('runs', f'{args.dataset}-{args.labels}-seed{args.seed}')
     return args
 
@@ -225,18 +220,12 @@ def load_data(args):
 
 
 def parse_labels(spec):
-    """'10pct' -> ('pct', 10.0); '400' -> ('count', 400); 'all' -> ('all', None). Raises Abort on nonsense."""
+    """'10pct' -> ('pct', 10.0); '400' -> ('count', 400); 'all' -> ('all', 1). Raises Abort on nonsense."""
     s = str(spec).strip().lower()
     try:
-        if s == 'all':
-            return 'all', None
-        if s.endswith('pct'):
-            v = float(s[:-3])
-            assert 0 < v <= 100
-            return 'pct', v
-        v = int(s)
-        assert v > 0
-        return 'count', v
+        kind, v = ('all', 1) if s == 'all' else ('pct', float(s[:-3])) if s.endswith('pct') else ('count', int(s))
+        assert 0 < v and (kind != 'pct' or v <= 100)
+        return kind, v
     except (ValueError, AssertionError):
         raise Abort(f"--labels {spec!r}: expected a percentage in (0, 100] like '10pct', a positive count like '400', or 'all'") from None
 
@@ -274,10 +263,10 @@ def augment(x):
     return x[b, c, rows[:, None, :, None], cols[:, None, None, :]], flip
 
 
-def model_view(res, mean, std, device):
-    """The input one model sees: resize to its own size and normalise with its own mean/std (timm config)."""
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+def model_view(model, res, device):
+    """The input one model sees: resized to its own size, normalised with its own mean/std (its timm config)."""
+    cfg = timm.data.resolve_model_data_config(model)
+    mean, std = (torch.tensor(cfg[k], device=device).view(1, 3, 1, 1) * 255 for k in ('mean', 'std'))
     channels_last = device.type == 'cuda'
 
     def view(x):  # float (B, 3, H, W) in [0, 255] -> normalised (B, 3, res, res)
@@ -304,9 +293,13 @@ def create_model(name, num_classes, res, pretrained, weights, kwargs, role):
         if not os.path.isfile(weights):
             raise Abort(f'--{role}-weights: no file {weights!r}')
         kw['pretrained_cfg_overlay'] = dict(file=weights, source='timm')
-    elif pretrained and (offline() or not hub_reachable()):
+    elif pretrained and not offline():  # hub unreachable: use the local cache only, failing now, not after retries
         from huggingface_hub import constants
-        constants.HF_HUB_OFFLINE = True  # use the local hub cache only: fail now instead of after a minute of retries
+        url = urllib.parse.urlsplit(constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        except OSError:
+            constants.HF_HUB_OFFLINE = True
     try:
         try:
             return timm.create_model(name, img_size=res, **kw)
@@ -322,36 +315,17 @@ def create_model(name, num_classes, res, pretrained, weights, kwargs, role):
                     f'local hub cache') from None
 
 
-def hub_reachable():
-    from huggingface_hub import constants
-    try:
-        socket.create_connection((urllib.parse.urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
 def features(model, x):
     """Pooled pre-logits feature of any timm-style model: (B, d)."""
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-@torch.no_grad()
-def feature_dim(model, res, device):
-    """Shapes come from a dummy forward (eval mode, so BatchNorm statistics stay untouched)."""
-    was_training = model.training
-    d = features(model.eval(), torch.zeros(1, 3, res, res, device=device)).shape[-1]
-    model.train(was_training)
-    return d
-
-
 def final_activation(student, mode):
-    """P_c's output is a *target for f_s*, so it ends where f_s ends (DESIGN §3, not in the paper): timm's
-    MobileNetV3 pre-logits come out of `act2` (Hardswish, min -0.375) after `conv_head`. Others: identity."""
+    """P_c's output is a *target for f_s*, so it ends where f_s ends (a gap the paper leaves): timm's MobileNetV3
+    pre-logits come out of `act2` (Hardswish, min -0.375) after `conv_head`; other students: identity."""
     act = getattr(student, 'act2', None)
-    if mode == 'auto' and hasattr(student, 'conv_head') and isinstance(act, nn.Module):
-        return copy.deepcopy(act)
-    return nn.Identity()
+    ends_in_act = mode == 'auto' and hasattr(student, 'conv_head') and isinstance(act, nn.Module)
+    return copy.deepcopy(act) if ends_in_act else nn.Identity()
 
 
 def build(args, num_classes, device, teacher=None, student=None):
@@ -363,39 +337,30 @@ def build(args, num_classes, device, teacher=None, student=None):
     if use_teacher and teacher is None:
         teacher = create_model(args.teacher, 0, args.teacher_res, args.pretrained, args.teacher_weights,
                                json.loads(args.teacher_kwargs), 'teacher')
-    kd = SimpleNamespace(student=student.to(device), head=student.get_classifier(), device=device, teacher=None,
+    channels_last = dict(memory_format=torch.channels_last) if device.type == 'cuda' else {}
+    maybe_compile = torch.compile if args.compile else (lambda f: f)
+    kd = SimpleNamespace(student=student.to(device, **channels_last), head=student.get_classifier(), device=device, teacher=None,
                          proj_custom=None, proj_general=None, head_c=None, cache_train=None, cache_test=None,
                          amp=partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'))
-    d_s = feature_dim(student, args.student_res, device)                                      # e.g. 1280
+    with torch.no_grad():  # shapes from a dummy forward, in eval mode so BatchNorm statistics stay untouched
+        d_s = features(student.eval(), torch.zeros(1, 3, args.student_res, args.student_res, device=device)).shape[-1]
     if kd.head(torch.zeros(1, d_s, device=device)).shape[-1] != num_classes:
         raise Abort(f'the student head must output {num_classes} classes')
-    kd.view_s = model_view(args.student_res, *mean_std(student), device)
-    kd.feat_s = partial(features, student)
+    kd.view_s = model_view(student, args.student_res, device)
+    kd.feat_s = maybe_compile(partial(features, student))
     if use_teacher:
-        kd.teacher = teacher.to(device).eval().requires_grad_(False)                          # frozen, always
-        d_t = feature_dim(teacher, args.teacher_res, device)                                  # e.g. 1024
-        kd.view_t = model_view(args.teacher_res, *mean_std(teacher), device)
-        kd.feat_t = partial(features, teacher)
-        if args.compile:
-            kd.feat_t = torch.compile(kd.feat_t)
+        kd.teacher = teacher.to(device, **channels_last).eval().requires_grad_(False)         # frozen, always
+        with torch.no_grad():
+            d_t = features(teacher, torch.zeros(1, 3, args.teacher_res, args.teacher_res, device=device)).shape[-1]
+        kd.view_t = model_view(teacher, args.teacher_res, device)
+        kd.feat_t = maybe_compile(partial(features, teacher))
     if args.w_custom > 0:  # [CustomKD] P_c: d_t -> d_s, the customization projector (paper θ_t^h)
         kd.proj_custom = nn.Sequential(nn.Linear(d_t, d_s), final_activation(student, args.proj_act)).to(device)
         kd.head_c = kd.head if args.custom_head == 'student' else \
             nn.Linear(d_s, num_classes).to(device).requires_grad_(False)                      # ablation: random head
     if args.w_general > 0:  # P_g: d_s -> d_t, the general projector on the student side
         kd.proj_general = nn.Linear(d_s, d_t).to(device)
-    if device.type == 'cuda':
-        for m in (kd.student, kd.teacher):
-            if m is not None:
-                m.to(memory_format=torch.channels_last)
-    if args.compile:
-        kd.feat_s = torch.compile(kd.feat_s)
     return kd
-
-
-def mean_std(model):
-    cfg = timm.data.resolve_model_data_config(model)
-    return cfg['mean'], cfg['std']
 
 
 def teacher_forward(kd, x):
@@ -414,12 +379,9 @@ def teacher_features(kd, x, idx, flip):
 
 def build_teacher_cache(kd, x_pool, x_test, batch):
     """Features of every training image (plain and flipped) and every test image, once; bf16 on the device."""
-    def run(x, flip):
-        out = []
-        for i in range(0, len(x), batch):
-            xb = x[i:i + batch].to(kd.device).float()
-            out.append(teacher_forward(kd, xb.flip(-1) if flip else xb).to(torch.bfloat16))
-        return torch.cat(out)
+    def run(x, flip):  # (N, d_t)
+        views = (x[i:i + batch].to(kd.device).float() for i in range(0, len(x), batch))
+        return torch.cat([teacher_forward(kd, v.flip(-1) if flip else v).to(torch.bfloat16) for v in views])
     if x_pool is not None:
         kd.cache_train = torch.stack([run(x_pool, False), run(x_pool, True)], 1)               # (N, 2, d_t)
     kd.cache_test = run(x_test, False)                                                        # (N_test, d_t)
@@ -536,30 +498,18 @@ def distill_epoch(kd, x_pool, y_pool, labeled_idx, unlabeled_idx, args, opt, ste
 def evaluate(kd, x_test, y_test, batch, cka_idx):
     """Test accuracy of the student and of h(P_c(f_t)); linear CKA of f_s against f~_t and f_t on a fixed subset."""
     kd.student.eval()
-    hits_s = hits_t = 0
-    keep = torch.zeros(len(x_test), dtype=torch.bool, device=kd.device)
-    keep[cka_idx] = True
-    feats = {'s': [], 't': [], 'c': []}
-    for i in range(0, len(x_test), batch):
-        x, y = x_test[i:i + batch].float(), y_test[i:i + batch]
-        with kd.amp():
-            f_s = kd.feat_s(kd.view_s(x))                                                     # (B, d_s)
-            hits_s += (kd.head(f_s).argmax(-1) == y).sum()
-            feats['s'].append(f_s[keep[i:i + batch]].float())
-            if kd.teacher is not None:
-                f_t = kd.cache_test[i:i + batch].float()                                      # (B, d_t)
-                feats['t'].append(f_t[keep[i:i + batch]])
-                if kd.proj_custom is not None:
-                    f_t_custom = kd.proj_custom(f_t)                                          # (B, d_s)
-                    hits_t += (kd.head_c(f_t_custom).argmax(-1) == y).sum()
-                    feats['c'].append(f_t_custom[keep[i:i + batch]].float())
-    out = {'acc/student': hits_s.item() / len(x_test)}
+    with kd.amp():
+        f_s = torch.cat([kd.feat_s(kd.view_s(x_test[i:i + batch].float())).float()
+                         for i in range(0, len(x_test), batch)])                              # (N, d_s)
+    out = {'acc/student': (kd.head(f_s).argmax(-1) == y_test).float().mean().item()}
+    if kd.teacher is None:
+        return out
+    others = {'cka/student_vs_teacher': kd.cache_test.float()}                               # f_t: (N, d_t)
     if kd.proj_custom is not None:
-        out['acc/teacher_custom'] = hits_t.item() / len(x_test)
+        others['cka/student_vs_custom'] = f_t_custom = kd.proj_custom(others['cka/student_vs_teacher'])  # (N, d_s)
+        out['acc/teacher_custom'] = (kd.head_c(f_t_custom).argmax(-1) == y_test).float().mean().item()
     if len(cka_idx) > 1:
-        for key, part in (('cka/student_vs_custom', 'c'), ('cka/student_vs_teacher', 't')):
-            if feats[part]:
-                out[key] = linear_cka(torch.cat(feats['s']), torch.cat(feats[part]))
+        out.update({key: linear_cka(f_s[cka_idx], f[cka_idx]) for key, f in others.items()})
     return out
 
 
@@ -569,10 +519,7 @@ def save_atomic(obj, path):
     tmp = f'{path}.tmp'
     try:
         with open(tmp, 'wb') as f:
-            if isinstance(obj, str):
-                f.write(obj.encode())
-            else:
-                torch.save(obj, f)
+            f.write(obj.encode()) if isinstance(obj, str) else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -599,14 +546,12 @@ def load_checkpoint(path, identity):
     return ckpt
 
 
-def state(kd, key):
-    module = getattr(kd, key)
-    return module.state_dict() if module is not None else {}
-
-
 def peak_mb(device):
+    """Peak memory since the last call: CUDA allocations on a GPU; on a CPU the process's peak RSS."""
     if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's lifetime peak
 
 
@@ -621,15 +566,11 @@ def console_line(row, epochs):
 
 
 # ================================================================ main
-def pick_device(name):
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise Abort(f'--device cuda, but this torch {torch.__version__} sees no CUDA device; use --device cpu')
-    return torch.device('cuda' if name == 'cuda' or (name == 'auto' and torch.cuda.is_available()) else 'cpu')
-
-
 def run(args, teacher=None, student=None):
     t_start = time.time()
-    device = pick_device(args.device)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise Abort(f'--device cuda, but this torch {torch.__version__} sees no CUDA device; use --device cpu')
+    device = torch.device('cuda' if args.device != 'cpu' and torch.cuda.is_available() else 'cpu')
     identity = {k: getattr(args, k) for k in IDENTITY}
     if teacher is not None or student is not None:  # your own modules: recorded by class name
         args.teacher, args.student = (type(m).__name__ if m is not None else n
@@ -663,15 +604,13 @@ def run(args, teacher=None, student=None):
     params = list(kd.student.parameters()) + (list(kd.proj_general.parameters()) if kd.proj_general else [])
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     opt_custom = torch.optim.Adam(kd.proj_custom.parameters(), lr=args.lr_custom) if kd.proj_custom else None
+    parts = dict(student=kd.student, proj_custom=kd.proj_custom, proj_general=kd.proj_general, head_c=kd.head_c,
+                 opt=opt, opt_custom=opt_custom)  # what a checkpoint holds besides counters and RNG states
     start, history, wall = 0, [], 0.0
     if ckpt is not None:
-        kd.student.load_state_dict(ckpt['student'])
-        for key in ('proj_custom', 'proj_general', 'head_c'):
-            if getattr(kd, key) is not None and ckpt[key]:
-                getattr(kd, key).load_state_dict(ckpt[key])
-        opt.load_state_dict(ckpt['opt'])
-        if opt_custom:
-            opt_custom.load_state_dict(ckpt['opt_custom'])
+        for key, part in parts.items():
+            if part is not None:
+                part.load_state_dict(ckpt[key])
         start, history, wall = ckpt['epoch'], ckpt['history'], ckpt['wall_time_s']
         torch.set_rng_state(ckpt['rng_cpu'])
         if device.type == 'cuda' and ckpt['rng_cuda']:
@@ -688,13 +627,13 @@ def run(args, teacher=None, student=None):
     x_test, y_test = data['test_x'].to(device), data['test_y'].to(device)
     batch_eval = args.batch_size * (1 + args.mu)
     cka_idx = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(0))[:args.cka_samples].to(device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    t0 = time.perf_counter()
+    def clock():  # seconds, after the device has finished its queued work
+        torch.cuda.synchronize() if device.type == 'cuda' else None
+        return time.perf_counter()
+    t = clock()
     if kd.teacher is not None:  # test features always (the teacher is frozen); train features with --teacher-cache
         build_teacher_cache(kd, x_pool if args.teacher_cache else None, x_test, batch_eval)
-    sync()
-    time_cache = time.perf_counter() - t0
-    n_pool = len(x_pool)
+    time_cache = clock() - t
     steps_per_epoch = len(unlabeled_idx) // min(args.mu * args.batch_size, len(unlabeled_idx))
     print(f'customkd: {args.dataset} {num_classes} classes, {len(labeled_idx)} labeled / {len(unlabeled_idx)} unlabeled / '
           f'{len(x_test)} test | student {args.student} | teacher {args.teacher if kd.teacher else "none (not loaded)"} | '
@@ -702,42 +641,31 @@ def run(args, teacher=None, student=None):
 
     best = max([r['acc/student'] for r in history if r['acc/student'] is not None], default=None)
     for epoch in range(start, args.epochs):
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        row = dict.fromkeys(METRIC_KEYS)
-        row['epoch'] = epoch + 1
-        if kd.proj_custom is not None and epoch % args.custom_every == 0:
-            sync()
-            t = time.perf_counter()
+        row = {**dict.fromkeys(METRIC_KEYS), 'epoch': epoch + 1}
+        if kd.proj_custom is not None and epoch % args.custom_every == 0:  # [CustomKD] stage 1, then stage 2
+            t = clock()
             row['loss/customize'], n_img = customize_epoch(kd, x_pool, y_pool, labeled_idx, args.batch_size, opt_custom)
-            sync()
-            row['time/customize_s'] = time.perf_counter() - t
+            row['time/customize_s'] = clock() - t
             row['throughput/customize_img_s'] = n_img / row['time/customize_s']
-        t = time.perf_counter()
+        t = clock()
         terms, n_img, culprits = distill_epoch(kd, x_pool, y_pool, labeled_idx, unlabeled_idx, args, opt,
-                                     epoch * steps_per_epoch, args.epochs * steps_per_epoch, weights)
-        sync()
-        row.update(terms)
-        row['time/distill_s'] = time.perf_counter() - t
+                                               epoch * steps_per_epoch, args.epochs * steps_per_epoch, weights)
+        row.update(terms, **{'time/distill_s': clock() - t})
         row['throughput/distill_img_s'] = n_img / row['time/distill_s']
         culprits = ['loss/customize'] if not math.isfinite(row['loss/customize'] or 0.0) else culprits
         if culprits:
             raise Abort(f"{' and '.join(culprits)} became non-finite in epoch {epoch + 1}; stopped. The checkpoint of "
                         f'epoch {epoch} in {args.out_dir} is kept (lower --lr or a loss weight, then --resume)', code=3)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            t = time.perf_counter()
-            row.update(evaluate(kd, x_test, y_test, batch_eval, cka_idx))
-            row['time/eval_s'] = time.perf_counter() - t
+            t = clock()
+            row.update(evaluate(kd, x_test, y_test, batch_eval, cka_idx), **{'time/eval_s': clock() - t})
             best = max(best or 0.0, row['acc/student'])
         row['mem/peak_mb'] = peak_mb(device)
         history.append(row)
-        wall_now = wall + time.time() - t_start
-        save_atomic(dict(identity=identity, epoch=epoch + 1, history=history, wall_time_s=wall_now,
-                         labeled_idx=labeled_idx.cpu(), student=kd.student.state_dict(), opt=opt.state_dict(),
-                         opt_custom=opt_custom.state_dict() if opt_custom else {},
-                         **{k: state(kd, k) for k in ('proj_custom', 'proj_general', 'head_c')},
-                         rng_cpu=torch.get_rng_state(),
-                         rng_cuda=torch.cuda.get_rng_state_all() if device.type == 'cuda' else []), ckpt_path)
+        save_atomic(dict(identity=identity, epoch=epoch + 1, history=history, wall_time_s=wall + time.time() - t_start,
+                         labeled_idx=labeled_idx.cpu(), rng_cpu=torch.get_rng_state(),
+                         rng_cuda=torch.cuda.get_rng_state_all() if device.type == 'cuda' else [],
+                         **{k: p.state_dict() if p is not None else {} for k, p in parts.items()}), ckpt_path)
         save_atomic(dict(state_dict=kd.student.state_dict(), model=args.student, num_classes=num_classes),
                     os.path.join(args.out_dir, 'student.pt'))
         with open(metrics_path, 'a') as f:
@@ -748,7 +676,7 @@ def run(args, teacher=None, student=None):
     total = {k: sum(r[k] or 0.0 for r in history) for k in ('time/customize_s', 'time/distill_s', 'time/eval_s')}
     summary = dict(acc_student_last=last['acc/student'], acc_student_best=best,
                    acc_teacher_custom_last=last['acc/teacher_custom'], epochs=len(history),
-                   num_labeled=len(labeled_idx), num_unlabeled=len(unlabeled_idx), num_train_images=n_pool,
+                   num_labeled=len(labeled_idx), num_unlabeled=len(unlabeled_idx), num_train_images=len(x_pool),
                    wall_time_s=wall + time.time() - t_start, **total, **{'time/teacher_cache_s': time_cache},
                    **{'mem/peak_mb': max((r['mem/peak_mb'] for r in history), default=None)}, args=vars(args))
     save_atomic(json.dumps(summary, indent=2) + '\n', os.path.join(args.out_dir, 'summary.json'))
@@ -757,22 +685,16 @@ def run(args, teacher=None, student=None):
     return summary
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None, teacher=None, student=None):
     """Run the CLI and return the summary dict. `teacher`/`student`: your own built modules (README)."""
-    args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a run as cleanly as Ctrl-C
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
     try:
-        return run(args, teacher, student)
+        return run(parse_args(argv), teacher, student)
     except Abort as e:
-        print(f'customkd: error: {e}', file=sys.stderr)
-        raise SystemExit(e.code) from None
+        fail(e, e.code)
     except KeyboardInterrupt:
-        print(f'customkd: interrupted; the last completed epoch\'s checkpoint in {args.out_dir} is intact: '
-              f'rerun the same command with --resume', file=sys.stderr)
+        print("customkd: interrupted; the last completed epoch's checkpoint.pt is intact: rerun the same command "
+              'with --resume to continue', file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
