@@ -97,7 +97,7 @@ def build_parser():
     g.add_argument('--student-weights', help='local student weight file, loaded by timm')
     g.add_argument('--proj-act', default='auto', choices=['auto', 'none'],
                    help="end P_c with the student's final activation when f_s comes out of one (auto), or not (none)")
-    g = p.add_argument_group('method (paper Eq. 1-5)')
+    g = p.add_argument_group('method (the loss weights and the two-stage schedule)')
     g.add_argument('--w-custom', type=float, default=1.0, help='weight of L_f~t = MSE(f_s, P_c(f_t)) (default 1)')
     g.add_argument('--w-general', type=float, default=1.0, help='weight of L_ft = MSE(P_g(f_s), f_t) (default 1)')
     g.add_argument('--w-sup', type=float, default=1.0, help='weight of the supervised CE on labeled images (default 1)')
@@ -382,7 +382,7 @@ def build_teacher_cache(kd, x_pool, x_test, batch):
     kd.cache_test = run(x_test, False)                                                        # (N_test, d_t)
 
 
-# ================================================================ losses (paper §3)
+# ================================================================ losses (DESIGN.md §2; paper Fig. 2)
 def loss_customize(logits, y):
     """Stage 1, L_cust = CE(h(P_c(f_t)), y): the frozen student head reads the customized teacher feature."""
     return F.cross_entropy(logits.float(), y, reduction='mean')
@@ -424,14 +424,15 @@ def set_stage(kd, stage):
             module.requires_grad_(trainable).train(trainable)  # the teacher: no gradients, eval mode, always
 
 
-def sgd_step(opt, loss):
+def take_step(opt, loss):
+    """One optimizer step on `loss` (SGD for the student side, Adam for P_c)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
 
 def customize_epoch(kd, x_pool, y_pool, labeled_idx, batch, opt):
-    """[CustomKD] Stage 1, feature customization (paper §3.2): one pass over D_L training only P_c."""
+    """[CustomKD] Stage 1, feature customization: one pass over D_L that trains only P_c, through the head h."""
     set_stage(kd, 1)
     batch = min(batch, len(labeled_idx))
     total = torch.zeros((), device=kd.device)
@@ -442,13 +443,13 @@ def customize_epoch(kd, x_pool, y_pool, labeled_idx, batch, opt):
         with kd.amp():
             logits = kd.head_c(kd.proj_custom(f_t))                        # [CustomKD] (B, C): h(P_c(f_t))
         loss = loss_customize(logits, y_pool[idx])                         # [CustomKD]
-        sgd_step(opt, loss)
+        take_step(opt, loss)
         total += loss.detach()
     return (total / len(steps)).item(), len(steps) * batch
 
 
 def distill_step(kd, x, y_l, idx, flip, weights):
-    """[CustomKD] Stage 2 (paper §3.3): the four terms on one batch; x = [x_l; x_u]. Returns {log key: term}."""
+    """[CustomKD] Stage 2, distillation: the four terms on one batch x = [x_l; x_u]. Returns {log key: term}."""
     n_l = len(y_l)
     with kd.amp():
         f_s = kd.feat_s(kd.view_s(x))                                                         # (B_l+B_u, d_s)
@@ -479,8 +480,8 @@ def distill_epoch(kd, x_pool, y_pool, labeled_idx, unlabeled_idx, args, opt, ste
         idx = torch.cat([il, iu])
         x, flip = augment(x_pool[idx])              # the same view for teacher and student
         terms = distill_step(kd, x, y_pool[il], idx, flip, weights)
-        loss = sum(weights[k] * v for k, v in terms.items())               # [CustomKD] Eq. 5
-        sgd_step(opt, loss)
+        loss = sum(weights[k] * v for k, v in terms.items())               # [CustomKD] the weighted sum
+        take_step(opt, loss)
         for k, v in terms.items():  # device-side sums: no host sync per step
             sums[k] = sums.get(k, 0) + v.detach()
             first_bad[k] = torch.minimum(first_bad.get(k, bad_never), torch.where(v.isfinite(), n_steps, s))

@@ -433,6 +433,10 @@ def test_resume_refuses_bad_checkpoints(tmp_path, capsys):
     assert code == 2 and '--split-seed 0' in err
     code, _, err = run_main(TINY + ['--student', 'mobilenetv3_small_075', '--resume', '--out-dir', str(out)], capsys)
     assert code == 2 and '--student mobilenetv3_small_050' in err
+    code, _, err = run_main(TINY + ['--teacher', 'vit_small_patch16_224', '--resume', '--out-dir', str(out)], capsys)
+    assert code == 2 and '--teacher vit_tiny_patch16_224' in err
+    code, _, err = run_main(['--dataset', 'cifar10', '--resume', '--out-dir', str(out)], capsys)
+    assert code == 2 and '--dataset synthetic' in err
     good = (out / 'checkpoint.pt').read_bytes()
     (out / 'checkpoint.pt').write_bytes(good[:len(good) // 2])
     code, _, err = run_main(TINY + ['--resume', '--out-dir', str(out)], capsys)
