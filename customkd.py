@@ -467,7 +467,7 @@ def distill_step(kd, x, y_l, idx, flip, weights):
     return terms
 
 
-def distill_epoch(kd, x_pool, y_pool, labeled_idx, unlabeled_idx, args, opt, step0, total_steps, weights):
+def distill_epoch(kd, x_pool, y_pool, labeled_idx, unlabeled_idx, args, opt, epoch, weights):
     """One pass over D_U; each step also takes a batch of D_L (cycled). Returns mean terms and #images."""
     set_stage(kd, 2)
     b_l = min(args.batch_size, len(labeled_idx))
@@ -476,7 +476,7 @@ def distill_epoch(kd, x_pool, y_pool, labeled_idx, unlabeled_idx, args, opt, ste
     sums, first_bad, bad_never = {}, {}, torch.tensor(n_steps, device=kd.device)
     for s, (il, iu) in enumerate(zip(epoch_batches(labeled_idx, b_l, n_steps), epoch_batches(unlabeled_idx, b_u, n_steps))):
         for group in opt.param_groups:  # cosine decay over all stage-2 steps of the run
-            group['lr'] = args.lr * 0.5 * (1 + math.cos(math.pi * (step0 + s) / total_steps))
+            group['lr'] = args.lr * 0.5 * (1 + math.cos(math.pi * (epoch * n_steps + s) / (args.epochs * n_steps)))
         idx = torch.cat([il, iu])
         x, flip = augment(x_pool[idx])              # the same view for teacher and student
         terms = distill_step(kd, x, y_pool[il], idx, flip, weights)
@@ -580,7 +580,7 @@ def run(args, teacher=None, student=None):
                     f'or choose another --out-dir')
     if args.deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA lacks a few kernels
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.manual_seed(args.seed)
 
@@ -617,8 +617,9 @@ def run(args, teacher=None, student=None):
     save_atomic(json.dumps(vars(args), indent=2) + '\n', os.path.join(args.out_dir, 'args.json'))
     metrics_path = os.path.join(args.out_dir, 'metrics.jsonl')
     save_atomic(''.join(json.dumps(r) + '\n' for r in history), metrics_path)  # the checkpoint's epochs, exactly
-    if os.path.exists(os.path.join(args.out_dir, 'summary.json')):
-        os.remove(os.path.join(args.out_dir, 'summary.json'))  # written again when the run completes
+    for name in ('summary.json',) if args.resume else ('summary.json', 'checkpoint.pt', 'student.pt'):
+        if os.path.exists(os.path.join(args.out_dir, name)):  # --overwrite: nothing of the old run survives
+            os.remove(os.path.join(args.out_dir, name))
 
     x_pool, y_pool, labeled_idx, unlabeled_idx = (t.to(device) for t in (x_pool, y_pool, labeled_idx, unlabeled_idx))
     x_test, y_test = data['test_x'].to(device), data['test_y'].to(device)
@@ -631,7 +632,6 @@ def run(args, teacher=None, student=None):
     if kd.teacher is not None:  # test features always (the teacher is frozen); train features with --teacher-cache
         build_teacher_cache(kd, x_pool if args.teacher_cache else None, x_test, batch_eval)
     time_cache = clock() - t
-    steps_per_epoch = len(unlabeled_idx) // min(args.mu * args.batch_size, len(unlabeled_idx))
     print(f'customkd: {args.dataset} {num_classes} classes, {len(labeled_idx)} labeled / {len(unlabeled_idx)} unlabeled / '
           f'{len(x_test)} test | student {args.student} | teacher {args.teacher if kd.teacher else "none (not loaded)"} | '
           f'{device.type} | teacher features cached in {time_cache:.1f}s | out {args.out_dir}', flush=True)
@@ -645,8 +645,7 @@ def run(args, teacher=None, student=None):
             row['time/customize_s'] = clock() - t
             row['throughput/customize_img_s'] = n_img / row['time/customize_s']
         t = clock()
-        terms, n_img, culprits = distill_epoch(kd, x_pool, y_pool, labeled_idx, unlabeled_idx, args, opt,
-                                               epoch * steps_per_epoch, args.epochs * steps_per_epoch, weights)
+        terms, n_img, culprits = distill_epoch(kd, x_pool, y_pool, labeled_idx, unlabeled_idx, args, opt, epoch, weights)
         row.update(terms, **{'time/distill_s': clock() - t})
         row['throughput/distill_img_s'] = n_img / row['time/distill_s']
         culprits = ['loss/customize'] if not math.isfinite(row['loss/customize'] or 0.0) else culprits

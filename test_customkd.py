@@ -154,7 +154,7 @@ def test_stage2_never_changes_teacher_or_customization_projector(tmp_path):
     params = list(kd.student.parameters()) + list(kd.proj_general.parameters())
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     weights = {'loss/feat_custom': 1.0, 'loss/feat_general': 1.0, 'loss/sup': 1.0, 'loss/entropy': 1.0}
-    terms, n_img, culprits = ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, 0, 10, weights)
+    terms, n_img, culprits = ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, 0, weights)
     assert culprits == [] and set(terms) == set(weights) and all(math.isfinite(v) for v in terms.values())
     assert n_img == 4 * (16 + 48)  # 200 unlabeled // 48 = 4 steps of 16 labeled + 48 unlabeled
     assert same(kd.teacher, before['teacher']) and same(kd.proj_custom, before['proj_custom'])
@@ -418,7 +418,12 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, capsys):
     before = (out / 'metrics.jsonl').read_bytes()
     code, _, err = run_main(TINY + ['--epochs', '1', '--out-dir', str(out)], capsys)
     assert code == 2 and '--overwrite' in err and '--resume' in err and (out / 'metrics.jsonl').read_bytes() == before
+    with pytest.MonkeyPatch.context() as mp:  # an --overwrite run stopped in its first epoch: nothing old survives
+        mp.setattr(ck, 'customize_epoch', lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert run_main(TINY + ['--epochs', '1', '--overwrite', '--out-dir', str(out)])[0] == 130
+    assert sorted(os.listdir(out)) == ['args.json', 'metrics.jsonl'] and (out / 'metrics.jsonl').read_text() == ''
     assert run_main(TINY + ['--epochs', '1', '--overwrite', '--out-dir', str(out)])[0] == 0
+    assert sorted(os.listdir(out)) == ['args.json', 'checkpoint.pt', 'metrics.jsonl', 'student.pt', 'summary.json']
 
 
 def test_resume_refuses_bad_checkpoints(tmp_path, capsys):
