@@ -16,7 +16,7 @@ Commands
   HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py             # the tests (CPU, no network)
 
 Measured (2-core x86-64 CPU, no GPU; torch 2.14.1, timm 1.0.31; seed 0 and split seed 0; one run):
-  the offline demo reaches last-epoch student accuracy 0.9325 (best epoch 0.9325) in 5 epochs, 42 s
+  the offline demo reaches last-epoch student accuracy 0.9325 (best epoch 0.9325) in 5 epochs, 38-42 s
   wall; the supervised + entropy baseline (--w-custom 0 --w-general 0) 0.4100. CIFAR-100 on a GPU:
   not yet measured. README.md has the tables, the commands and what each number does not show.
 """

@@ -185,6 +185,21 @@ def test_teacher_cache_equals_fresh_features(tmp_path):
     assert torch.equal(got, torch.stack([kd.cache_train[3, 1], kd.cache_train[4, 0], kd.cache_train[5, 1]]).float())
 
 
+def test_with_the_cache_no_stage_and_no_evaluation_runs_the_teacher(tmp_path):
+    args, data, kd, lab, unl = tiny_parts(tmp_path)
+    ck.build_teacher_cache(kd, data['train_x'], data['test_x'], batch=64)
+    assert kd.cache_train.dtype == kd.cache_test.dtype == torch.bfloat16
+    def teacher_ran(x):
+        raise AssertionError('the teacher ran')
+    kd.feat_t = teacher_ran
+    weights = {'loss/feat_custom': 1.0, 'loss/feat_general': 1.0, 'loss/sup': 1.0, 'loss/entropy': 1.0}
+    opt = torch.optim.SGD(list(kd.student.parameters()) + list(kd.proj_general.parameters()), lr=0.01)
+    ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, torch.optim.Adam(kd.proj_custom.parameters()))
+    ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, 0, weights)
+    out = ck.evaluate(kd, data['test_x'], data['test_y'], 64, torch.arange(40))
+    assert set(out) == {'acc/student', 'acc/teacher_custom', 'cka/student_vs_custom', 'cka/student_vs_teacher'}
+
+
 def test_augment_crops_and_flips_on_the_batch():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8).to(torch.uint8)
     torch.manual_seed(0)
