@@ -80,7 +80,7 @@ def build_parser():
     g.add_argument('--unlabeled-dir', help='folder dataset: class folders that replace --train-dir as the unlabeled set '
                    '(domain adaptation: its labels are never read)')
     g.add_argument('--image-size', type=int, help='size synthetic/folder images are stored at (default 224; synthetic 32)')
-    g.add_argument('--synthetic-size', type=int, default=1600, help='synthetic: training images (test: a quarter more)')
+    g.add_argument('--synthetic-size', type=int, default=1600, help='synthetic: training images, plus a quarter as many test images (default 1600)')
     g.add_argument('--labels', default='10pct', help="labeled set: per-class percentage ('10pct'), total count divisible "
                    "by the class count ('400'), or 'all' (default 10pct)")
     g.add_argument('--split-seed', type=int, default=0, help='seed of the labeled split, independent of --seed (default 0)')
