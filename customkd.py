@@ -163,8 +163,8 @@ def make_synthetic(n, size, num_classes=10, seed=0):
     pad = size // 8
     protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=size + 2 * pad, mode='bicubic')
     y = torch.arange(n) % num_classes
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=g).tolist()
-    x = torch.stack([protos[c, :, i:i + size, j:j + size] for c, i, j in zip(y.tolist(), dy, dx)])
+    rows, cols = torch.randint(0, 2 * pad + 1, (2, n, 1), generator=g) + torch.arange(size)  # shifted crops: (n, size)
+    x = protos[y[:, None, None, None], torch.arange(3)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
     x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)) + 0.1 * torch.randn(x.shape, generator=g)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
