@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = torch.device('cpu')
 TINY = ['--dataset', 'synthetic', '--synthetic-size', '200', '--epochs', '2', '--cka-samples', '40']
 VOLATILE = ('time/', 'throughput/', 'mem/')  # wall-clock measurements differ between runs by nature
+WEIGHTS = {'loss/feat_custom': 1.0, 'loss/feat_general': 1.0, 'loss/sup': 1.0, 'loss/entropy': 1.0}  # all four stage-2 terms on
 
 
 def run_main(argv, capsys=None, **kw):
@@ -153,7 +154,7 @@ def test_stage2_never_changes_teacher_or_customization_projector(tmp_path):
     before = {m: snapshot(getattr(kd, m)) for m in ('teacher', 'proj_custom', 'student', 'proj_general')}
     params = list(kd.student.parameters()) + list(kd.proj_general.parameters())
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    weights = {'loss/feat_custom': 1.0, 'loss/feat_general': 1.0, 'loss/sup': 1.0, 'loss/entropy': 1.0}
+    weights = WEIGHTS
     terms, n_img, culprits = ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, 0, weights)
     assert culprits == [] and set(terms) == set(weights) and all(math.isfinite(v) for v in terms.values())
     assert n_img == 4 * (16 + 48)  # 200 unlabeled // 48 = 4 steps of 16 labeled + 48 unlabeled
@@ -192,7 +193,7 @@ def test_with_the_cache_no_stage_and_no_evaluation_runs_the_teacher(tmp_path):
     def teacher_ran(x):
         raise AssertionError('the teacher ran')
     kd.feat_t = teacher_ran
-    weights = {'loss/feat_custom': 1.0, 'loss/feat_general': 1.0, 'loss/sup': 1.0, 'loss/entropy': 1.0}
+    weights = WEIGHTS
     opt = torch.optim.SGD(list(kd.student.parameters()) + list(kd.proj_general.parameters()), lr=0.01)
     ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, torch.optim.Adam(kd.proj_custom.parameters()))
     ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, 0, weights)
