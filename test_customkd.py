@@ -15,18 +15,22 @@ import urllib.error
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # before timm / huggingface_hub are imported
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torchvision
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 import customkd as ck
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = torch.device('cpu')
-TINY = ['--dataset', 'synthetic', '--synthetic-size', '200', '--epochs', '2', '--cka-samples', '40']
+TINY = ['--dataset', 'synthetic', '--synthetic-size', '200', '--epochs', '2', '--cka-samples', '40',
+        '--demo-teacher-steps', '0']
 VOLATILE = ('time/', 'throughput/', 'mem/')  # wall-clock measurements differ between runs by nature
-WEIGHTS = {'loss/feat_custom': 1.0, 'loss/feat_general': 1.0, 'loss/sup': 1.0, 'loss/entropy': 1.0}  # all four stage-2 terms on
+WEIGHTS = {'loss/feat_custom': 1.0, 'loss/feat_general': 1.0, 'loss/sup': 1.0, 'loss/entropy': 1.0}
+ENV = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=HERE)
 
 
 def run_main(argv, capsys=None, **kw):
@@ -48,10 +52,14 @@ def rows(run_dir):
 def tiny_parts(tmp_path, *extra):
     args = ck.parse_args(TINY + ['--out-dir', str(tmp_path / 'run'), *extra])
     torch.manual_seed(0)
-    data = ck.load_data(args)
     kd = ck.build(args, 10, CPU)
+    data = ck.load_data(args)
     lab, unl = ck.split_labeled(data['train_y'], args.labels, 10, 0)
     return args, data, kd, lab, unl
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
 
 
 def snapshot(module):
@@ -60,6 +68,18 @@ def snapshot(module):
 
 def same(module, snap):
     return all(torch.equal(v, snap[k]) for k, v in module.state_dict().items())
+
+
+def cheap_compile(graphs):
+    """torch.compile with a backend that only records each traced graph; fullgraph=True: a graph break fails."""
+    real = torch.compile
+
+    def compile_(fn, **kw):
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        return real(fn, backend=backend, fullgraph=True)
+    return compile_
 
 
 # ------------------------------------------------------------------ labeled split
@@ -104,14 +124,14 @@ def test_losses_match_hand_computed_values():
         assert torch.allclose(f_s.grad, torch.tensor([[0.5, 0.0], [0.0, -1.0]]))
         f_s.grad = None
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    assert ck.loss_entropy(torch.tensor([[0.0, math.log(3)], [5.0, 5.0]])).item() == pytest.approx((h + math.log(2)) / 2, rel=1e-6)
+    assert ck.loss_entropy(torch.tensor([[0.0, math.log(3)], [5.0, 5.0]])).item() == pytest.approx((h + math.log(2)) / 2)
     assert ck.loss_entropy(torch.zeros(3, 7)).item() == pytest.approx(math.log(7), rel=1e-6)
 
 
 def test_linear_cka_values_and_invariances():
     x, y = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[1.0], [2.0], [4.0]])
     assert ck.linear_cka(x, y) == pytest.approx(81 / 84)  # 1-d CKA = squared correlation, by hand
-    g = torch.Generator().manual_seed(0)
+    g = gen()
     a, b = torch.randn(50, 8, generator=g), torch.randn(50, 5, generator=g)
     b = b + a[:, :5]
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
@@ -130,9 +150,10 @@ def test_stage1_changes_only_the_customization_projector(tmp_path):
     calls = []
     hook = kd.student.get_classifier().register_forward_hook(lambda *a: calls.append(1))
     opt = torch.optim.Adam(kd.proj_custom.parameters(), lr=1e-2)
-    loss, n_img = ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, opt)
+    (means, culprits), n_img = ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, opt, gen())
     hook.remove()
-    assert math.isfinite(loss) and n_img == 16 and len(calls) == 2  # 20 labeled, batch 8 -> 2 steps, each through h
+    assert math.isfinite(means['loss/customize']) and culprits == []
+    assert n_img == 16 and len(calls) == 2  # 20 labeled, batch 8 -> 2 steps, each through h
     assert kd.head_c is kd.student.get_classifier()
     for m in ('teacher', 'student', 'proj_general'):
         assert same(getattr(kd, m), before[m]), m
@@ -145,7 +166,8 @@ def test_random_custom_head_is_not_the_student_head(tmp_path):
     calls, rnd = [], snapshot(kd.head_c)
     kd.head.register_forward_hook(lambda *a: calls.append('student'))
     kd.head_c.register_forward_hook(lambda *a: calls.append('random'))
-    ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, torch.optim.Adam(kd.proj_custom.parameters()))
+    ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, torch.optim.Adam(kd.proj_custom.parameters()),
+                       gen())
     assert calls == ['random', 'random'] and same(kd.head_c, rnd)
 
 
@@ -154,9 +176,9 @@ def test_stage2_never_changes_teacher_or_customization_projector(tmp_path):
     before = {m: snapshot(getattr(kd, m)) for m in ('teacher', 'proj_custom', 'student', 'proj_general')}
     params = list(kd.student.parameters()) + list(kd.proj_general.parameters())
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    weights = WEIGHTS
-    terms, n_img, culprits = ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, 0, weights)
-    assert culprits == [] and set(terms) == set(weights) and all(math.isfinite(v) for v in terms.values())
+    (terms, culprits), n_img = ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, WEIGHTS,
+                                                0, gen())
+    assert culprits == [] and set(terms) == set(WEIGHTS) and all(math.isfinite(v) for v in terms.values())
     assert n_img == 4 * (16 + 48)  # 200 unlabeled // 48 = 4 steps of 16 labeled + 48 unlabeled
     assert same(kd.teacher, before['teacher']) and same(kd.proj_custom, before['proj_custom'])
     assert not same(kd.student, before['student']) and not same(kd.proj_general, before['proj_general'])
@@ -175,62 +197,90 @@ def test_projector_ends_with_student_activation(tmp_path):
 def test_teacher_cache_equals_fresh_features(tmp_path):
     _, data, kd, _, _ = tiny_parts(tmp_path)
     x = data['train_x'][:30]
-    ck.build_teacher_cache(kd, x, data['test_x'][:10], batch=8)
-    assert kd.cache_train.shape == (30, 2, 192) and kd.cache_test.shape == (10, 192)
+    ck.build_teacher_cache(kd, x, data['test_x'][:10], batch=8, with_train=True)
+    assert kd.cache_train.shape == (60, 192) and kd.cache_test.shape == (10, 192)
+    assert kd.cache_train.dtype == torch.float32  # fp32 run: fp32 cache
     plain, flipped = (ck.teacher_forward(kd, v.float()) for v in (x, x.flip(-1)))
-    assert torch.allclose(kd.cache_train[:, 0].float(), plain, rtol=2e-2, atol=2e-2)
-    assert torch.allclose(kd.cache_train[:, 1].float(), flipped, rtol=2e-2, atol=2e-2)
-    assert not torch.allclose(plain, flipped, rtol=2e-2, atol=2e-2)
-    idx, flip = torch.tensor([3, 4, 5]), torch.tensor([True, False, True])
-    got = ck.teacher_features(kd, None, idx, flip)  # the student's flip picks the cached view
-    assert torch.equal(got, torch.stack([kd.cache_train[3, 1], kd.cache_train[4, 0], kd.cache_train[5, 1]]).float())
+    assert torch.allclose(kd.cache_train[0::2], plain, atol=1e-5) and torch.allclose(kd.cache_train[1::2], flipped,
+                                                                                        atol=1e-5)
+    assert not torch.allclose(plain, flipped, atol=1e-2)
+    plan = torch.tensor([[3, 0, 0, 1], [4, 0, 0, 0], [5, 0, 0, 1]])
+    got = ck.teacher_features(kd, None, plan)  # the planned flip picks the cached view
+    assert torch.equal(got, torch.stack([kd.cache_train[7], kd.cache_train[8], kd.cache_train[11]]))
 
 
 def test_with_the_cache_no_stage_and_no_evaluation_runs_the_teacher(tmp_path):
     args, data, kd, lab, unl = tiny_parts(tmp_path)
-    ck.build_teacher_cache(kd, data['train_x'], data['test_x'], batch=64)
-    assert kd.cache_train.dtype == kd.cache_test.dtype == torch.bfloat16
+    ck.build_teacher_cache(kd, data['train_x'], data['test_x'], batch=64, with_train=True)
+
     def teacher_ran(x):
         raise AssertionError('the teacher ran')
     kd.feat_t = teacher_ran
-    weights = WEIGHTS
     opt = torch.optim.SGD(list(kd.student.parameters()) + list(kd.proj_general.parameters()), lr=0.01)
-    ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, torch.optim.Adam(kd.proj_custom.parameters()))
-    ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, 0, weights)
+    ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, torch.optim.Adam(kd.proj_custom.parameters()),
+                       gen())
+    ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, WEIGHTS, 0, gen())
     out = ck.evaluate(kd, data['test_x'], data['test_y'], 64, torch.arange(40))
     assert set(out) == {'acc/student', 'acc/teacher_custom', 'cka/student_vs_custom', 'cka/student_vs_teacher'}
 
 
-def test_augment_crops_and_flips_on_the_batch():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8).to(torch.uint8)
-    torch.manual_seed(0)
-    out, flip = ck.augment(x)
-    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32 and flip.shape == (2,)
-    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode='reflect')
-    for b in range(2):
-        ref = out[b].flip(-1) if flip[b] else out[b]
-        assert any(torch.equal(padded[b, :, i:i + 8, j:j + 8], ref) for i in range(9) for j in range(9))
+@pytest.mark.parametrize('size', [8, 32, 64])
+def test_augment_crops_by_an_eighth_of_the_side_and_flips(size):
+    x = torch.randint(0, 256, (3, 3, size, size), generator=gen(), dtype=torch.uint8)
+    pad = size // 8
+    plan = torch.tensor([[0, 0, 0, 0], [1, 2 * pad, pad, 1], [2, pad, 2 * pad, 0]])
+    out = ck.augment(x, plan, CPU)
+    assert out.shape == (3, 3, size, size) and out.dtype == torch.float32
+    padded = torch.nn.functional.pad(x.float(), (pad,) * 4, mode='reflect')
+    for b, (i, dy, dx, flip) in enumerate(plan.tolist()):
+        ref = padded[i, :, dy:dy + size, dx:dx + size]
+        assert torch.equal(out[b], ref.flip(-1) if flip else ref)
+
+
+def test_epoch_plan_is_a_seeded_function_of_its_generator():
+    a, b = (ck.epoch_plan(torch.arange(10, 20), 4, 5, gen(3), pad=4) for _ in range(2))
+    assert torch.equal(a, b) and a.shape == (5, 4, 4)
+    ids = a[..., 0].flatten()
+    assert sorted(ids[:10].tolist()) == list(range(10, 20))  # a permutation, then the next one
+    assert a[..., 1:3].min() >= 0 and a[..., 1:3].max() <= 8 and set(a[..., 3].flatten().tolist()) <= {0, 1}
 
 
 # ------------------------------------------------------------------ end to end
-def test_synthetic_run_writes_every_output_and_learns(tmp_path, capsys):
-    out = tmp_path / 'run'
-    code, summary, _ = run_main(['--dataset', 'synthetic', '--out-dir', str(out)], capsys)  # the offline demo as shipped
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    """The offline demo exactly as the README ships it, run once for the tests that read its outputs."""
+    out = tmp_path_factory.mktemp('demo') / 'run'
+    code, summary, _ = run_main(['--dataset', 'synthetic', '--out-dir', str(out)])
+    return code, summary, out
+
+
+def test_demo_writes_every_output_and_learns(demo):
+    code, summary, out = demo
     assert code == 0
     assert sorted(os.listdir(out)) == ['args.json', 'checkpoint.pt', 'metrics.jsonl', 'student.pt', 'summary.json']
     lines = [json.loads(line) for line in open(out / 'metrics.jsonl')]
-    assert [r['epoch'] for r in lines] == [1, 2, 3, 4, 5]
+    assert [r['epoch'] for r in lines] == list(range(1, 9))
     assert set(lines[-1]) == set(ck.METRIC_KEYS) and all(lines[-1][k] is not None for k in ck.METRIC_KEYS)
     assert summary['acc_student_last'] == lines[-1]['acc/student'] > 0.5  # chance is 0.1
+    assert summary['acc_teacher_custom_last'] > 0.9  # the demo teacher knows the classes
     assert summary['acc_student_best'] == max(r['acc/student'] for r in lines)
     assert lines[-1]['loss/feat_general'] < lines[0]['loss/feat_general']  # a healthy run: feature loss falls
-    assert summary['num_labeled'] == 160 and summary['num_unlabeled'] == 1600 and summary['epochs'] == 5
+    assert summary['num_labeled'] == 160 and summary['num_unlabeled'] == 1600 and summary['epochs'] == 8
     assert json.load(open(out / 'summary.json'))['acc_student_last'] == summary['acc_student_last']
     assert json.load(open(out / 'args.json'))['labels'] == '10pct'
     student = torch.load(out / 'student.pt', weights_only=True)
     assert student['model'] == 'mobilenetv3_small_050' and student['num_classes'] == 10
     ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
-    assert ckpt['epoch'] == 5 and 'teacher' not in ckpt and len(ckpt['labeled_idx']) == 160
+    assert ckpt['epoch'] == 8 and 'teacher' not in ckpt and len(ckpt['labeled_idx']) == 160
+
+
+def test_demo_teacher_learns_then_is_frozen(tmp_path):
+    args, data, kd, _, _ = tiny_parts(tmp_path, '--demo-teacher-steps', '20')
+    before = snapshot(kd.teacher)
+    ck.train_demo_teacher(kd, data['teacher_x'], data['teacher_y'], 20, seed=0)
+    assert not same(kd.teacher, before) and len(data['teacher_x']) == 2000
+    assert not kd.teacher.training and not any(p.requires_grad for p in kd.teacher.parameters())
+    assert not any(torch.equal(t, s) for t in data['teacher_x'][:50] for s in data['train_x'][:50])
 
 
 def test_console_prints_one_aligned_line_per_epoch(tmp_path, capsys):
@@ -251,6 +301,16 @@ def test_baseline_without_feature_losses_never_builds_the_teacher(tmp_path, monk
     assert summary['acc_teacher_custom_last'] is None
 
 
+def test_runs_with_and_without_stage1_see_the_same_stage2_batches(tmp_path, monkeypatch):
+    seen = []
+    real = ck.distill_step
+    monkeypatch.setattr(ck, 'distill_step', lambda kd, x, y_l, f_t: seen.append(x.sum().item()) or real(kd, x, y_l,
+                                                                                                        f_t))
+    for name, extra in (('full', []), ('base', ['--w-custom', '0', '--w-general', '0'])):
+        assert run_main(TINY + extra + ['--out-dir', str(tmp_path / name)])[0] == 0
+    assert len(seen) == 16 and seen[:8] == seen[8:]
+
+
 def test_custom_every_skips_stage1(tmp_path):
     code, _, _ = run_main(TINY + ['--epochs', '3', '--custom-every', '2', '--out-dir', str(tmp_path / 'c')])
     assert code == 0 and [r['loss/customize'] is None for r in rows(tmp_path / 'c')] == [False, True, False]
@@ -261,11 +321,62 @@ def test_teacher_cache_run(tmp_path):
     assert code == 0 and summary['acc_teacher_custom_last'] is not None and summary['time/teacher_cache_s'] > 0
 
 
+def test_progress_shows_after_ten_seconds_and_at_most_once_a_minute_in_a_log(monkeypatch, capsys):
+    clock = iter([0.0, 5.0, 11.0, 30.0, 75.0, 130.0])
+    monkeypatch.setattr(ck.time, 'time', lambda: next(clock))
+    assert list(ck.progress(range(5), 'phase', 50, per=10)) == list(range(5))
+    err = capsys.readouterr().err.splitlines()
+    assert err == ['phase: 40/50, 1/s, 19 s left ']  # after 10 s and once in the next minute, not at 11 s and 75 s
+
+
+# ------------------------------------------------------------------ bf16, channels_last and torch.compile on the CPU
+def test_bf16_on_the_cpu_runs_the_gpu_lines(tmp_path):
+    _, data, kd32, lab, unl = tiny_parts(tmp_path)
+    _, _, kd16, _, _ = tiny_parts(tmp_path, '--precision', 'bf16')
+    assert kd16.bf16 and not kd32.bf16 and kd16.student.conv_stem.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    x = ck.augment(data['train_x'], torch.cat([ck.epoch_plan(lab, 16, 1, gen(), 4)[0],
+                                               ck.epoch_plan(unl, 48, 1, gen(), 4)[0]]), CPU)
+    dtypes = []
+    kd16.student.conv_stem.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    terms = {}
+    for name, kd in (('fp32', kd32), ('bf16', kd16)):
+        terms[name] = ck.distill_step(kd, x, data['train_y'][lab[:16]], ck.teacher_forward(kd, x))
+        assert all(v.dtype == torch.float32 for v in terms[name].values())  # losses in fp32, whatever the precision
+    assert dtypes == [torch.bfloat16]  # the student ran under bf16 autocast
+    for k in WEIGHTS:  # the same first-step losses within 3 %, but not bit-equal: bf16 did run
+        assert terms['bf16'][k].item() == pytest.approx(terms['fp32'][k].item(), rel=0.03), k
+        assert terms['bf16'][k].item() != terms['fp32'][k].item(), k
+    ck.build_teacher_cache(kd16, data['train_x'][:20], data['test_x'][:8], 8, with_train=True)
+    assert kd16.cache_train.dtype == kd16.cache_test.dtype == torch.bfloat16
+    assert ck.teacher_features(kd16, None, torch.tensor([[3, 0, 0, 1]])).dtype == torch.float32
+
+
+@pytest.mark.parametrize('cache', [[], ['--teacher-cache']])
+def test_bf16_demo_pipeline_end_to_end(tmp_path, cache):
+    code, summary, _ = run_main(TINY + ['--precision', 'bf16', '--epochs', '3', '--out-dir', str(tmp_path / 'r')]
+                                + cache)
+    assert code == 0 and summary['acc_student_last'] > 0.2  # chance is 0.1
+    for row in rows(tmp_path / 'r'):
+        assert all(math.isfinite(row[k]) for k in WEIGHTS) and math.isfinite(row['loss/customize'])
+
+
+def test_compile_path_traces_full_graphs_and_never_recompiles(tmp_path, monkeypatch):
+    graphs, per_epoch = [], []
+    monkeypatch.setattr(torch, 'compile', cheap_compile(graphs))
+    real_line = ck.console_line
+    monkeypatch.setattr(ck, 'console_line', lambda row, n: per_epoch.append(len(graphs)) or real_line(row, n))
+    torch._dynamo.reset()
+    code, _, err = run_main(TINY + ['--compile', '--epochs', '3', '--out-dir', str(tmp_path / 'r')])
+    assert code == 0, err
+    assert 2 <= per_epoch[0] <= 8 and per_epoch[1] == per_epoch[2] == per_epoch[0]  # epochs 2 and 3 trace nothing
+
+
 # ------------------------------------------------------------------ CIFAR on-disk format
 def write_cifar100(root, n_train=300, n_test=100):
     base = root / 'cifar-100-python'
     base.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
+    g = gen()
     for name, n in (('train', n_train), ('test', n_test)):
         data = torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8).numpy()
         with open(base / name, 'wb') as f:
@@ -287,27 +398,32 @@ def test_cifar100_loads_from_torchvision_files(tmp_path, no_md5):
     x, y, classes = ck.load_cifar('cifar100', str(tmp_path), train=False)
     assert x.shape == (100, 3, 32, 32) and x.dtype == torch.uint8 and len(classes) == 100
     assert torch.equal(x[7], torch.from_numpy(test_data[7]).view(3, 32, 32)) and y[7] == 7
-    code, summary, _ = run_main(['--dataset', 'cifar100', '--data-dir', str(tmp_path), '--labels', '100', '--epochs', '1',
-                                 '--no-pretrained', '--teacher', 'vit_tiny_patch16_224', '--teacher-kwargs',
-                                 '{"depth": 1, "patch_size": 8}', '--student', 'mobilenetv3_small_050', '--teacher-res', '32',
-                                 '--student-res', '32', '--batch-size', '50', '--mu', '2', '--out-dir', str(tmp_path / 'r')])
+    code, summary, _ = run_main(['--dataset', 'cifar100', '--data-dir', str(tmp_path), '--labels', '100', '--epochs',
+                                 '1', '--no-pretrained', '--teacher', 'vit_tiny_patch16_224', '--teacher-kwargs',
+                                 '{"depth": 1, "patch_size": 8}', '--student', 'mobilenetv3_small_050',
+                                 '--teacher-res', '32', '--student-res', '32', '--batch-size', '50', '--mu', '2',
+                                 '--out-dir', str(tmp_path / 'r')])
     assert code == 0 and summary['num_labeled'] == 100 and summary['num_unlabeled'] == 300
 
 
 def test_cifar_missing_offline_fails_fast(tmp_path, capsys):
     t = time.time()
-    code, _, err = run_main(['--dataset', 'cifar100', '--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'r')], capsys)
-    assert code == 2 and time.time() - t < 10
+    code, _, err = run_main(['--dataset', 'cifar100', '--no-pretrained', '--data-dir', str(tmp_path), '--out-dir',
+                             str(tmp_path / 'r')], capsys)
+    assert code == 2 and time.time() - t < 10  # before any model is built
     assert 'cifar-100-python.tar.gz' in err and '--data-dir' in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'r').exists()
 
 
 def test_cifar_download_failure_names_the_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '0')
+
     def no_net(self):
         raise urllib.error.URLError('Name or service not known')
     monkeypatch.setattr(torchvision.datasets.CIFAR10, 'download', no_net)
-    code, _, err = run_main(['--dataset', 'cifar10', '--data-dir', str(tmp_path), '--out-dir', str(tmp_path / 'r')], capsys)
+    code, _, err = run_main(['--dataset', 'cifar10', '--no-pretrained', '--student', 'mobilenetv3_small_050',
+                             '--w-custom', '0', '--w-general', '0', '--data-dir', str(tmp_path), '--out-dir',
+                             str(tmp_path / 'r')], capsys)
     assert code == 2 and 'URLError' in err and 'cifar-10-python.tar.gz' in err and 'cifar-10-batches-py' in err
 
 
@@ -321,10 +437,10 @@ def test_pretrained_offline_names_every_way_out(tmp_path, capsys):
 
 
 def test_local_weight_files_load_through_timm(tmp_path):
-    import timm
     src = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=64, num_classes=0)
     torch.save(src.state_dict(), tmp_path / 't.pth')
-    t = ck.create_model('vit_tiny_patch16_224', 0, 32, False, str(tmp_path / 't.pth'), {'depth': 1, 'patch_size': 8}, 'teacher')
+    t = ck.create_model('vit_tiny_patch16_224', 0, 32, False, str(tmp_path / 't.pth'), {'depth': 1, 'patch_size': 8},
+                        'teacher')
     assert t.pos_embed.shape == (1, 1 + 16, 192) != src.pos_embed.shape  # resampled from 8x8 to 4x4 patches
     assert torch.equal(t.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     s_src = timm.create_model('mobilenetv3_small_050', num_classes=1000)
@@ -360,36 +476,232 @@ def test_bring_your_own_models(tmp_path):
 
 
 # ------------------------------------------------------------------ folders of images
-def write_folder(root, classes, n, seed):
-    g = torch.Generator().manual_seed(seed)
+def write_folder(root, classes, n, seed, size=(48, 40)):
+    g = gen(seed)
     for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
+        (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             colour = torch.tensor([255 * (c % 2), 120, 255 * (1 - c % 2)]) + torch.randint(-20, 21, (3,), generator=g)
-            img = colour.clamp(0, 255).to(torch.uint8).view(1, 1, 3).expand(40, 48, 3).numpy()
-            Image.fromarray(img.copy()).save(root / name / f'{i}.png')
+            img = colour.clamp(0, 255).to(torch.uint8).view(1, 1, 3).expand(size[1], size[0], 3).clone()
+            img[::3] = torch.randint(0, 256, img[::3].shape, generator=g, dtype=torch.uint8)  # texture, not flat
+            Image.fromarray(img.numpy()).save(root / name / f'{i}.png')
+
+
+def reference_decode(path, size):
+    with Image.open(path) as im:
+        return TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert('RGB'), size), size))
+
+
+def folder_args(tmp_path, *extra):
+    return ['--dataset', 'folder', '--image-size', '32', '--teacher-res', '32', '--student-res', '32',
+            '--no-pretrained', '--teacher', 'vit_tiny_patch16_224', '--teacher-kwargs',
+            '{"depth": 1, "patch_size": 8}', '--student', 'mobilenetv3_small_050', '--epochs', '2',
+            '--batch-size', '4', '--mu', '1', '--workers', '2', '--cache-dir', str(tmp_path / 'cache'), *extra]
+
+
+def test_folder_is_decoded_once_into_a_mapped_array_and_reused(tmp_path, monkeypatch):
+    write_folder(tmp_path / 'src', ['cat', 'dog'], 6, 0)
+    args = ck.parse_args(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
+                                     str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')))
+    x, y, classes, names = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+    assert x.shape == (12, 3, 32, 32) and x.dtype == torch.uint8 and classes == ['cat', 'dog']
+    assert y.tolist() == [0] * 6 + [1] * 6 and names[7] == os.path.join('dog', '1.png')
+    for i in (0, 7, 11):
+        assert torch.equal(x[i], reference_decode(tmp_path / 'src' / names[i], 32))
+    cached = os.listdir(tmp_path / 'cache')
+    assert len(cached) == 1 and cached[0].startswith('src-32px-') and os.path.getsize(tmp_path / 'cache' / cached[0]) \
+        == 12 * 3 * 32 * 32
+    with monkeypatch.context() as m:  # a second run reads the array and decodes nothing
+        m.setattr(torch.utils.data, 'DataLoader', lambda *a, **k: (_ for _ in ()).throw(AssertionError('decoded')))
+        t = time.time()
+        x2, _, _, _ = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+        assert torch.equal(x, x2) and time.time() - t < 2
+    write_folder(tmp_path / 'src', ['cat'], 7, 1)  # one more file: another file list, decoded anew
+    x3, _, _, _ = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+    assert len(x3) == 13 and len(os.listdir(tmp_path / 'cache')) == 2
+    args.image_size = 16  # another image size, decoded anew
+    assert ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)[0].shape == (13, 3, 16, 16)
+    assert len(os.listdir(tmp_path / 'cache')) == 3
+
+
+def test_interrupted_decode_leaves_nothing_that_is_reused(tmp_path, monkeypatch):
+    write_folder(tmp_path / 'src', ['cat', 'dog'], 300, 0, size=(20, 20))
+    args = ck.parse_args(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
+                                     str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')))
+    real = ck.progress
+
+    def interrupted(items, *a, **k):
+        for i, item in enumerate(real(items, *a, **k)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield item
+    monkeypatch.setattr(ck, 'progress', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+    assert os.listdir(tmp_path / 'cache') == []  # neither a complete-looking array nor a partial one
+    monkeypatch.setattr(ck, 'progress', real)
+    x, _, _, names = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+    assert torch.equal(x[599], reference_decode(tmp_path / 'src' / names[599], 32))
+
+
+def test_mapped_array_and_in_memory_runs_give_the_same_metrics(tmp_path, monkeypatch):
+    write_folder(tmp_path / 'src', ['cat', 'dog'], 10, 0)
+    write_folder(tmp_path / 'test', ['cat', 'dog'], 4, 2)
+    common = folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir', str(tmp_path / 'test'),
+                         '--labels', '50pct', '--deterministic')
+    assert not ck.fits(1, CPU)  # on a CPU the pool stays the mapped array file
+    assert run_main(common + ['--out-dir', str(tmp_path / 'mapped')])[0] == 0
+    real = ck.load_folders
+    monkeypatch.setattr(ck, 'load_folders', lambda *a, **k: (lambda x, *rest: (x.clone(), *rest))(*real(*a, **k)))
+    assert run_main(common + ['--out-dir', str(tmp_path / 'memory')])[0] == 0  # the same images, copied into memory
+    assert rows(tmp_path / 'memory') == rows(tmp_path / 'mapped') and len(rows(tmp_path / 'mapped')) == 2
 
 
 def test_folder_dataset_for_domain_adaptation(tmp_path):
     for d, n, s in (('src', 6, 0), ('tgt', 5, 1), ('tgt_test', 4, 2)):
         write_folder(tmp_path / d, ['cat', 'dog'], n, s)
-    x, y, classes = ck.load_folder(str(tmp_path / 'src'), 32)
-    assert x.shape == (12, 3, 32, 32) and x.dtype == torch.uint8 and classes == ['cat', 'dog'] and y.tolist() == [0] * 6 + [1] * 6
-    code, summary, _ = run_main(['--dataset', 'folder', '--train-dir', str(tmp_path / 'src'), '--unlabeled-dir',
-                                 str(tmp_path / 'tgt'), '--test-dir', str(tmp_path / 'tgt_test'), '--labels', 'all',
-                                 '--image-size', '32', '--teacher-res', '32', '--student-res', '32', '--no-pretrained',
-                                 '--teacher', 'vit_tiny_patch16_224', '--teacher-kwargs', '{"depth": 1, "patch_size": 8}',
-                                 '--student', 'mobilenetv3_small_050', '--epochs', '2', '--batch-size', '4', '--mu', '1',
-                                 '--out-dir', str(tmp_path / 'r')])
-    assert code == 0 and summary['num_labeled'] == 12 and summary['num_unlabeled'] == 10 and summary['num_train_images'] == 22
+    code, summary, _ = run_main(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--unlabeled-dir',
+                                            str(tmp_path / 'tgt'), '--test-dir', str(tmp_path / 'tgt_test'),
+                                            '--labels', 'all', '--out-dir', str(tmp_path / 'r')))
+    assert code == 0 and summary['num_labeled'] == 12 and summary['num_unlabeled'] == 10
+    assert summary['num_train_images'] == 22
+
+
+def test_labeled_list_picks_exactly_the_listed_images(tmp_path, capsys):
+    write_folder(tmp_path / 'src', ['cat', 'dog'], 6, 0)
+    Image.new('RGB', (40, 40)).save(tmp_path / 'src' / 'cat' / 'unique.png')
+    listed = tmp_path / 'list.txt'  # a bare file name (unique, as ImageNet's are) or a path under --train-dir
+    listed.write_text('unique.png\ndog/4.png\n\ndog/0.png\n')
+    args = folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir', str(tmp_path / 'src'),
+                       '--labeled-list', str(listed))
+    code, summary, _ = run_main(args + ['--out-dir', str(tmp_path / 'r')])
+    assert code == 0 and summary['num_labeled'] == 3 and summary['num_unlabeled'] == 13
+    assert torch.load(tmp_path / 'r' / 'checkpoint.pt', weights_only=True)['labeled_idx'].tolist() == [6, 7, 11]
+    listed.write_text('cat/2.png\nn01440764_10026.JPEG\n2.png\n')  # '2.png' is in both classes: ambiguous
+    code, _, err = run_main(args + ['--out-dir', str(tmp_path / 'r2')], capsys)
+    assert code == 2 and "2 name(s) are not in --train-dir or are ambiguous, e.g. 'n01440764_10026.JPEG'" in err
+
+
+def test_corrupt_images_are_one_line_naming_them(tmp_path, capsys):
+    write_folder(tmp_path / 'src', ['cat', 'dog'], 3, 0)
+    (tmp_path / 'src' / 'dog' / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
+    (tmp_path / 'src' / 'cat' / 'empty.png').write_bytes(b'')
+    code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
+                                        str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+    assert '2 image file(s) cannot be read' in err and 'empty.png' in err
+    assert [f for f in os.listdir(tmp_path / 'cache') if f.endswith('.u8')] == []
+
+
+def test_grayscale_palette_rgba_and_cmyk_images_are_converted(tmp_path):
+    (tmp_path / 'src' / 'a').mkdir(parents=True)
+    base = Image.fromarray(torch.randint(0, 256, (40, 36, 3), generator=gen(), dtype=torch.uint8).numpy())
+    for mode, ext in (('L', 'png'), ('P', 'png'), ('RGBA', 'png'), ('CMYK', 'jpg'), ('LA', 'png'), ('1', 'bmp')):
+        base.convert(mode).save(tmp_path / 'src' / 'a' / f'{mode}.{ext}')
+    args = ck.parse_args(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
+                                     str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')))
+    x, _, _, names = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+    assert len(x) == 6
+    for i, name in enumerate(names):
+        assert torch.equal(x[i], reference_decode(tmp_path / 'src' / name, 32)), name
+    assert x[names.index(os.path.join('a', 'L.png'))].float().std(0).max() == 0  # grey: the channels agree
+
+
+def test_too_little_disk_for_the_array_stops_before_decoding(tmp_path, capsys, monkeypatch):
+    write_folder(tmp_path / 'src', ['cat', 'dog'], 3, 0)
+    real = os.statvfs
+    monkeypatch.setattr(os, 'statvfs', lambda p: (lambda s: type('S', (), {'f_bavail': 1, 'f_frsize': 4096}))(
+        real(p)))
+    code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
+                                        str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')), capsys)
+    assert code == 2 and '6 images at 32 px need 0.0 GB in --cache-dir' in err and 'GB are free' in err
+    assert os.listdir(tmp_path / 'cache') == []
 
 
 def test_folder_class_mismatch_is_a_clear_error(tmp_path, capsys):
     write_folder(tmp_path / 'a', ['cat', 'dog'], 2, 0)
     write_folder(tmp_path / 'b', ['cat', 'bird'], 2, 0)
-    code, _, err = run_main(['--dataset', 'folder', '--train-dir', str(tmp_path / 'a'), '--test-dir', str(tmp_path / 'b'),
-                             '--image-size', '32', '--out-dir', str(tmp_path / 'r')], capsys)
+    code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(tmp_path / 'a'), '--test-dir',
+                                        str(tmp_path / 'b'), '--out-dir', str(tmp_path / 'r')), capsys)
     assert code == 2 and "'bird'" in err and "'dog'" in err and '--test-dir' in err
+
+
+# ------------------------------------------------------------------ several processes (torchrun, gloo on the CPU)
+WORKER = '''
+import os, sys, torch, timm
+import customkd as ck
+torch.manual_seed(0)  # a BatchNorm-free student: 2 processes must then match 1 process up to float rounding
+student = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=32, num_classes=10)
+ck.main(sys.argv[1:], student=student)
+torch.save(student.state_dict(), os.path.join(os.environ['OUT'], 'rank%s.pt' % os.environ.get('RANK', '0')))
+'''
+DDP_ARGS = ['--dataset', 'synthetic', '--synthetic-size', '256', '--epochs', '2', '--demo-teacher-steps', '0',
+            '--cka-samples', '40', '--lr', '0.05']
+
+
+def torchrun(n, *argv, **kw):
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}',
+                             *argv], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_two_processes_train_like_one(tmp_path):
+    (tmp_path / 'worker.py').write_text(WORKER)
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    for d in (one, two):
+        d.mkdir()
+    ref = subprocess.run([sys.executable, str(tmp_path / 'worker.py'), *DDP_ARGS, '--out-dir', str(one / 'run')],
+                         cwd=HERE, env=dict(ENV, OUT=str(one)), capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    proc = torchrun(2, str(tmp_path / 'worker.py'), *DDP_ARGS, '--out-dir', str(two / 'run'),
+                    env=dict(ENV, OUT=str(two)))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert len([line for line in out.splitlines() if line.startswith('epoch')]) == 2  # rank 0 alone prints
+    assert sorted(os.listdir(two / 'run')) == ['args.json', 'checkpoint.pt', 'metrics.jsonl', 'student.pt',
+                                               'summary.json'] and len(rows(two / 'run')) == 2
+    assert json.load(open(two / 'run' / 'summary.json'))['world_size'] == 2
+    r0, r1, r = (torch.load(p, weights_only=True) for p in (two / 'rank0.pt', two / 'rank1.pt', one / 'rank0.pt'))
+    init = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=32, num_classes=10).state_dict()
+    for k in r:
+        assert torch.equal(r0[k], r1[k]), k  # DDP kept the ranks identical
+        moved = (r[k] - init[k]).abs().max().item()
+        # Each rank trained on its own half of every batch and the gradients were averaged: one process's result up
+        # to float rounding. Ranks that both used the same half, or summed gradients, move far more than this.
+        assert (r0[k] - r[k]).abs().max().item() <= 1e-3 * max(moved, 1e-3), k
+    assert sum((r[k] - init[k]).abs().max().item() for k in r) > 0.1  # and training did move the parameters
+    row1, row2 = rows(one / 'run'), rows(two / 'run')
+    assert row1[-1]['loss/sup'] == pytest.approx(row2[-1]['loss/sup'], rel=1e-3)
+    assert row1[-1]['acc/student'] == row2[-1]['acc/student']
+
+
+def child_pids(pid):
+    found = []
+    for p in os.listdir('/proc'):
+        try:
+            if p.isdigit() and int(open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1]) == pid:
+                found.append(int(p))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_killed_process_ends_every_process_with_one_line(tmp_path):
+    run_dir = tmp_path / 'run'
+    proc = torchrun(2, os.path.join(HERE, 'customkd.py'), *DDP_ARGS, '--epochs', '200', '--out-dir', str(run_dir),
+                    env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / 'checkpoint.pt').exists():
+        time.sleep(0.2)
+    workers = child_pids(proc.pid)
+    rank1 = [p for p in workers if b'RANK=1\x00' in open(f'/proc/{p}/environ', 'rb').read()]
+    assert len(workers) == 2 and len(rank1) == 1
+    t = time.time()
+    os.kill(rank1[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.time() - t < 30  # no hang
+    ours = [line for line in err.splitlines() if line.startswith('customkd: error:')]
+    assert len(ours) == 1 and '[rank 0]' in ours[0] and 'Traceback' not in '\n'.join(ours)
+    assert torch.load(run_dir / 'checkpoint.pt', weights_only=True)['epoch'] >= 1  # the last checkpoint is intact
 
 
 # ------------------------------------------------------------------ bad input
@@ -397,10 +709,14 @@ BAD = [(['--labels', 'ten'], "'ten'"), (['--labels', '0'], 'positive count'), ([
        (['--labels', '150pct'], 'percentage'), (['--labels', '-5'], "'-5'"), (['--labels', '15'], 'divide evenly'),
        (['--labels', '400'], 'class 0 has 20 images'), (['--dataset', 'imagenet'], 'invalid choice'),
        (['--student', 'no_such_net'], 'unknown timm model'), (['--teacher', 'no_such_vit'], 'unknown timm model'),
-       (['--device', 'cuda'], 'no CUDA device'), (['--epochs', '0'], '--epochs must be positive'),
-       (['--batch-size', '-4'], '--batch-size must be positive'), (['--lr', '0'], '--lr must be positive'),
-       (['--lr-custom', '-1'], '--lr-custom must be positive'), (['--teacher-kwargs', '[1]'], 'JSON object'),
-       (['--dataset', 'folder'], '--train-dir')]
+       (['--device', 'cuda'], 'no CUDA device'), (['--epochs', '0'], "--epochs: expected a whole number in [1, "),
+       (['--batch-size', '-4'], "got '-4'"), (['--lr', '0'], '--lr: expected a number in (0, 10]'),
+       (['--lr-custom', 'nan'], "got 'nan'"), (['--w-sup', 'inf'], "--w-sup: expected a number in [0, 1000], got 'inf'"),
+       (['--teacher-kwargs', '[1]'], 'JSON object'), (['--dataset', 'folder'], '--train-dir'),
+       (['--student-kwargs', '{"no_such_arg": 1}'], "unexpected keyword argument 'no_such_arg'"),
+       (['--teacher-res', '8', '--teacher-kwargs', '{"patch_size": 16}'], '--teacher cannot take --teacher-res 8'),
+       (['--train-dir', '/nonexistent'], 'only for --dataset folder'), (['--resume', '--overwrite'], 'choose one'),
+       (['--teacher-weights', '/nonexistent.pth'], 'is not an existing file')]
 
 
 @pytest.mark.parametrize('argv,message', BAD)
@@ -412,18 +728,68 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert not (tmp_path / 'r').exists()
 
 
+def test_out_dir_that_is_a_file_or_unwritable(tmp_path, capsys):
+    (tmp_path / 'f').write_text('x')
+    code, _, err = run_main(TINY + ['--out-dir', str(tmp_path / 'f')], capsys)
+    assert code == 2 and 'is not a writable folder' in err
+    code, _, err = run_main(TINY + ['--out-dir', str(tmp_path / 'f' / 'sub')], capsys)
+    assert code == 2 and 'is not a writable folder' in err and (tmp_path / 'f').read_text() == 'x'
+
+
+SWEEP = ['0', '1', '-1', 'nan', 'inf', '1e30', '', 'MISSING', 'FILE', 'DIR']
+
+
+def test_every_flag_through_edge_values_exits_cleanly(tmp_path, monkeypatch, capsys):
+    """Every flag of the parser (so that a new one cannot escape) through edge values: exit 0, 2 or 3, one line on
+    error, never a traceback. Values that pass validation run one short epoch."""
+    monkeypatch.chdir(tmp_path)  # relative --out-dir values such as '1' land here
+    monkeypatch.setattr(torch, 'compile', cheap_compile([]))
+    (tmp_path / 'FILE').write_text('not an image, a list or weights\n')
+    (tmp_path / 'DIR').mkdir()
+    base = ['--dataset', 'synthetic', '--synthetic-size', '40', '--labels', '10', '--epochs', '1', '--cka-samples',
+            '10', '--demo-teacher-steps', '2']
+    flags, seen, n = [a for a in ck.build_parser()._actions if a.option_strings and a.dest != 'help'], set(), 0
+    for action in flags:
+        for option in action.option_strings:
+            for value in ([None] if action.nargs == 0 else SWEEP):
+                value = str(tmp_path / 'no' / 'such') if value == 'MISSING' else value
+                argv = base + ['--out-dir', str(tmp_path / 'runs' / str(n))] + [option] + ([] if value is None
+                                                                                          else [value])
+                code, _, err = run_main(argv, capsys)
+                out = capsys.readouterr()
+                assert code in (0, 2, 3), (argv, code, err)
+                assert 'Traceback' not in err + out.out + out.err, argv
+                assert code == 0 or (len(err.strip().splitlines()) == 1 and err.startswith('customkd: error:')), argv
+                seen.add(option)
+                n += 1
+    assert len(seen) >= 45 and n > 300
+
+
+# ------------------------------------------------------------------ unexpected errors
+def test_unexpected_error_names_its_phase_in_one_line(tmp_path, capsys, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError('CUDA out of memory.\nTried to allocate 2.00 GiB')
+    monkeypatch.setattr(ck, 'distill_step', broken)
+    code, _, err = run_main(TINY + ['--out-dir', str(tmp_path / 'r')], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+    assert 'unexpected RuntimeError during stage 2: CUDA out of memory. Tried to allocate 2.00 GiB' in err
+    assert 'lower --batch-size' in err and 'CUSTOMKD_DEBUG=1' in err
+    monkeypatch.setenv('CUSTOMKD_DEBUG', '1')
+    with pytest.raises(RuntimeError, match='out of memory'):
+        ck.main(TINY + ['--out-dir', str(tmp_path / 'r2')])
+
+
 def test_cli_errors_print_no_traceback():
-    env = dict(os.environ, HF_HUB_OFFLINE='1')
-    for argv in (['--labels', 'ten'], ['--dataset', 'synthetic', '--labels', '7']):
+    for argv in (['--dataset', 'synthetic', '--image-size', '-3'],):  # the in-process flag sweep covers the rest
         p = subprocess.run([sys.executable, os.path.join(HERE, 'customkd.py'), *argv], capture_output=True, text=True,
-                           env=env, cwd=HERE, timeout=120)
+                           env=ENV, cwd=HERE, timeout=120)
         assert p.returncode == 2 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_help_lists_every_flag_with_help_text():
     parser = ck.build_parser()
     flags = [a for a in parser._actions if a.option_strings and a.dest != 'help']
-    assert len(flags) >= 30 and all(a.help for a in flags)
+    assert len(flags) >= 40 and all(a.help for a in flags)
 
 
 # ------------------------------------------------------------------ run directories and checkpoints
@@ -448,14 +814,12 @@ def test_resume_refuses_bad_checkpoints(tmp_path, capsys):
     assert code == 2 and 'no checkpoint' in err
     assert run_main(TINY + ['--epochs', '1', '--out-dir', str(out)])[0] == 0
     capsys.readouterr()
-    code, _, err = run_main(TINY + ['--labels', '20', '--resume', '--out-dir', str(out)], capsys)
-    assert code == 2 and '--labels 10pct' in err
-    code, _, err = run_main(TINY + ['--split-seed', '3', '--resume', '--out-dir', str(out)], capsys)
-    assert code == 2 and '--split-seed 0' in err
-    code, _, err = run_main(TINY + ['--student', 'mobilenetv3_small_075', '--resume', '--out-dir', str(out)], capsys)
-    assert code == 2 and '--student mobilenetv3_small_050' in err
-    code, _, err = run_main(TINY + ['--teacher', 'vit_small_patch16_224', '--resume', '--out-dir', str(out)], capsys)
-    assert code == 2 and '--teacher vit_tiny_patch16_224' in err
+    for argv, said in ((['--labels', '20'], '--labels 10pct'), (['--split-seed', '3'], '--split-seed 0'),
+                       (['--student', 'mobilenetv3_small_075'], '--student mobilenetv3_small_050'),
+                       (['--teacher', 'vit_small_patch16_224'], '--teacher vit_tiny_patch16_224'),
+                       (['--demo-teacher-steps', '5'], '--demo-teacher-steps 0')):
+        code, _, err = run_main(TINY + argv + ['--resume', '--out-dir', str(out)], capsys)
+        assert code == 2 and said in err, argv
     code, _, err = run_main(['--dataset', 'cifar10', '--resume', '--out-dir', str(out)], capsys)
     assert code == 2 and '--dataset synthetic' in err
     good = (out / 'checkpoint.pt').read_bytes()
@@ -470,6 +834,7 @@ def test_resume_refuses_bad_checkpoints(tmp_path, capsys):
 def test_interrupted_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / 'c.pt')
     ck.save_atomic({'epoch': 1}, path)
+
     def crash(obj, f):
         f.write(b'partial')
         raise KeyboardInterrupt
@@ -479,14 +844,19 @@ def test_interrupted_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch)
     assert torch.load(path, weights_only=True) == {'epoch': 1} and os.listdir(tmp_path) == ['c.pt']
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('bad_epoch', [1, 2])
+def test_non_finite_loss_stops_and_says_what_is_kept(tmp_path, capsys, monkeypatch, bad_epoch):
     real, epochs_done = ck.loss_entropy, []
-    monkeypatch.setattr(ck, 'loss_entropy', lambda z: real(z) * (math.nan if epochs_done else 1.0))
+    monkeypatch.setattr(ck, 'loss_entropy', lambda z: real(z) * (math.nan if len(epochs_done) + 1 >= bad_epoch else 1))
     real_line = ck.console_line
     monkeypatch.setattr(ck, 'console_line', lambda row, n: epochs_done.append(row['epoch']) or real_line(row, n))
     code, _, err = run_main(TINY + ['--epochs', '3', '--out-dir', str(tmp_path / 'r')], capsys)
-    assert code == 3 and 'loss/entropy became non-finite in epoch 2' in err and 'checkpoint of epoch 1' in err
-    assert torch.load(tmp_path / 'r' / 'checkpoint.pt', weights_only=True)['epoch'] == 1
+    assert code == 3 and f'loss/entropy became non-finite in epoch {bad_epoch}' in err
+    if bad_epoch == 1:
+        assert 'no checkpoint was written' in err and not (tmp_path / 'r' / 'checkpoint.pt').exists()
+    else:
+        assert 'checkpoint of epoch 1' in err and '--resume' in err
+        assert torch.load(tmp_path / 'r' / 'checkpoint.pt', weights_only=True)['epoch'] == 1
 
 
 DET = TINY + ['--epochs', '3', '--deterministic']
@@ -496,6 +866,7 @@ def test_stop_and_resume_is_exact(tmp_path, monkeypatch):
     ref, part = tmp_path / 'ref', tmp_path / 'part'
     assert run_main(DET + ['--out-dir', str(ref)])[0] == 0
     real_line = ck.console_line
+
     def stop_after_first(row, n):
         if row['epoch'] == 1:
             raise KeyboardInterrupt
@@ -514,8 +885,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(tmp_path):
     argv = DET + ['--synthetic-size', '400', '--epochs', '4']
     assert run_main(argv + ['--out-dir', str(ref)])[0] == 0
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'customkd.py'), *argv, '--out-dir', str(part)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE='1'))
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     metrics, deadline = part / 'metrics.jsonl', time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 1):
         time.sleep(0.05)
