@@ -632,8 +632,11 @@ import os, sys, torch, timm
 import customkd as ck
 torch.manual_seed(0)  # a BatchNorm-free student: 2 processes must then match 1 process up to float rounding
 student = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=32, num_classes=10)
+seen = []  # images through the student in this process
+student.patch_embed.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
 ck.main(sys.argv[1:], student=student)
-torch.save(student.state_dict(), os.path.join(os.environ['OUT'], 'rank%s.pt' % os.environ.get('RANK', '0')))
+torch.save({'state': student.state_dict(), 'images': sum(seen)},
+           os.path.join(os.environ['OUT'], 'rank%s.pt' % os.environ.get('RANK', '0')))
 '''
 DDP_ARGS = ['--dataset', 'synthetic', '--synthetic-size', '256', '--epochs', '2', '--demo-teacher-steps', '0',
             '--cka-samples', '40', '--lr', '0.05']
@@ -661,6 +664,9 @@ def test_two_processes_train_like_one(tmp_path):
                                                'summary.json'] and len(rows(two / 'run')) == 2
     assert json.load(open(two / 'run' / 'summary.json'))['world_size'] == 2
     r0, r1, r = (torch.load(p, weights_only=True) for p in (two / 'rank0.pt', two / 'rank1.pt', one / 'rank0.pt'))
+    # each process did half of the work (its share of every batch and of the test set), plus its own dummy forward
+    assert r0['images'] == r1['images'] and r0['images'] + r1['images'] == r['images'] + 1
+    r0, r1, r = r0['state'], r1['state'], r['state']
     init = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=32, num_classes=10).state_dict()
     for k in r:
         assert torch.equal(r0[k], r1[k]), k  # DDP kept the ranks identical
