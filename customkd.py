@@ -21,25 +21,14 @@ Measured (2-core AMD EPYC CPU, no GPU; torch 2.14.1, timm 1.0.31, Python 3.11.7;
 69 ± 3 s wall per run; `L_ft` only 0.947 ± 0.060, no teacher 0.863 ± 0.060 (chance 0.1). Exact values differ
 between CPUs. CIFAR-100 and every GPU figure: not yet measured. README.md has the tables and what they do not show.
 """
-import argparse
-import hashlib
-import json
-import math
-import os
-import resource
-import signal
-import socket
-import sys
-import time
+import argparse, hashlib, json, math, os, resource, signal, socket, sys, time  # noqa: E401 (the standard library)
 from functools import partial
 from types import SimpleNamespace
 
-import timm
-import torch
+import timm, torch, torchvision  # noqa: E401
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
@@ -78,10 +67,10 @@ def num(kind, lo, hi, open_lo=False):
         try:
             v = kind(s)
         except ValueError:
-            v = None
-        if v is None or not (v > lo if open_lo else v >= lo) or not v <= hi:
-            what = 'a whole number' if kind is int else 'a number'
-            raise argparse.ArgumentTypeError(f"expected {what} in {'(' if open_lo else '['}{lo}, {hi}], got {s!r}")
+            v = math.nan  # fails every comparison, as NaN itself does
+        if not ((v > lo if open_lo else v >= lo) and v <= hi):
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'} in "
+                                             f"{'(' if open_lo else '['}{lo}, {hi}], got {s!r}")
         return v
     return parse
 
@@ -187,8 +176,7 @@ def offline():
     return os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
 
 def progress(items, what, total, per=1):
-    """Yield items; on rank 0, once a phase has run 10 s, show done/total, rate and time left: one updating line
-    on a terminal, a line a minute in a log file."""
+    """Yield items; after 10 s, rank 0 shows done/total, rate, time left (terminal: one line; log: one a minute)."""
     t0 = shown = time.time()
     tty = sys.stderr.isatty()
     for i, item in enumerate(items, 1):
@@ -226,8 +214,7 @@ def all_reduce(t, op=dist.ReduceOp.SUM):
     return t
 
 def sharded_rows(n, batch, fn, device, out_device, what):
-    """fn(i, j) -> rows i:j of an (n, ...) result. Each rank computes its contiguous shard, batch by batch; then
-    every rank gathers all n rows (through `device`) into out_device."""
+    """fn(i, j) -> rows i:j of an (n, ...) result: each rank computes its own shard, then all gather all n rows."""
     m = math.ceil(n / RUN.world)
     lo, hi = min(n, RUN.rank * m), min(n, RUN.rank * m + m)
     steps = progress(range(lo, hi, batch), what, hi - lo, batch)
@@ -255,25 +242,19 @@ def load_cifar(name, root, train):
     """CIFAR through torchvision; downloads when missing (unless HF_HUB_OFFLINE=1) and fails fast offline."""
     cls = torchvision.datasets.CIFAR100 if name == 'cifar100' else torchvision.datasets.CIFAR10
     old = socket.getdefaulttimeout()
-    try:
-        socket.setdefaulttimeout(10)  # an offline node fails in seconds, not minutes
-        try:
-            ds = cls(root, train=train, download=False)
-        except RuntimeError:  # missing or unverified; download=True also unpacks an archive already in root
-            if offline():
-                raise RuntimeError('HF_HUB_OFFLINE=1 is set') from None
-            ds = cls(root, train=train, download=True)
+    socket.setdefaulttimeout(10)  # an offline node fails in seconds, not minutes
+    try:  # download=True first checks the files (and unpacks an archive already in root)
+        ds = cls(root, train=train, download=not offline())
     except Exception as e:
-        raise Abort(f'{name} is not in --data-dir {root!r} and could not be downloaded ({type(e).__name__}: {e}); '
-                    f'put {cls.filename} (or the extracted {cls.base_folder}/ folder) in a folder and point '
-                    f'--data-dir there') from None
+        why = 'HF_HUB_OFFLINE=1 is set' if offline() else f'{type(e).__name__}: {e}'
+        raise Abort(f'{name} is not in --data-dir {root!r} and could not be downloaded ({why}); put {cls.filename} '
+                    f'(or the extracted {cls.base_folder}/ folder) in a folder and point --data-dir there') from None
     finally:
         socket.setdefaulttimeout(old)
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
 
 def decode(size, files):
-    """DataLoader worker: image files -> uint8 (B, 3, size, size) in RGB (grayscale, palette, RGBA, CMYK converted),
-    the shorter side resized to size, the centre cropped; and the files that cannot be read."""
+    """DataLoader worker: files -> uint8 RGB (B, 3, size, size), shorter side resized, centre crop; the unreadable."""
     out, bad = torch.zeros(len(files), 3, size, size, dtype=torch.uint8), []
     for i, name in enumerate(files):
         try:
@@ -292,9 +273,8 @@ def class_folders(root):
         raise Abort(f'cannot read image folder {root!r}: {e}') from None
 
 def load_folders(dirs, args, classes=None):
-    """[(flag, class folder)] -> uint8 (N, 3, S, S) memory-mapped from an array file, labels (-1 for --unlabeled-dir:
-    never read), classes, file names. The file is decoded once, by parallel workers, and reused while the file lists
-    and S stay the same; it appears only when complete (written aside, then renamed)."""
+    """[(flag, class folder)] -> uint8 (N, 3, S, S) mapped from an array file decoded once (reused while the file list
+    and S stay), labels (-1 for --unlabeled-dir: never read), classes, file names."""
     files, y, names, size = [], [], [], args.image_size
     for flag, root in dirs:
         found, to_idx = class_folders(root)
@@ -303,8 +283,9 @@ def load_folders(dirs, args, classes=None):
         if not items or classes is not None and found != classes:
             raise Abort(f'{flag} {root!r} holds no images' if not items else f'class folders differ between '
                         f'--train-dir and {flag}: only in one of them: {sorted(set(classes) ^ set(found))}')
-        classes, files, y = found, files + [f for f, _ in items], y + [-1 if 'unl' in flag else c for _, c in items]
+        classes, files = found, files + [f for f, _ in items]
         names += [os.path.relpath(f, root) for f, _ in items]
+        y += [-1 if flag == '--unlabeled-dir' else c for _, c in items]  # a target domain's labels are never read
     n = len(files)
     key = hashlib.sha1(json.dumps([[os.path.abspath(r) for _, r in dirs], size, names]).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f'{os.path.basename(os.path.abspath(dirs[0][1]))}-{size}px-{key}.u8')
@@ -335,8 +316,7 @@ def load_folders(dirs, args, classes=None):
     return x, torch.tensor(y), classes, names
 
 def load_data(args):
-    """-> dict(train_x, train_y, test_x, test_y, classes, n_labeled_pool, ...): uint8 (N, 3, H, W) on the CPU.
-    With --unlabeled-dir, train_x holds the target domain after the first n_labeled_pool (source) images."""
+    """-> dict of uint8 (N, 3, H, W) images and labels; with --unlabeled-dir, the target domain after the source's."""
     if args.dataset == 'synthetic':  # + images for the demo teacher, from the same classes, never seen by the student
         n, n_test = args.synthetic_size, args.synthetic_size // 4
         x, y = make_synthetic(n + n_test + 2000 * (args.demo_teacher_steps > 0), args.image_size)
@@ -393,24 +373,21 @@ def read_labeled_list(path, names):
     return torch.tensor(sorted({where[w] for w in wanted}))
 
 def epoch_plan(idx, batch, steps, gen, pad):
-    """`steps` batches of `batch` ids from back-to-back permutations of idx, each with its crop offsets (0..2*pad)
-    and flip: long (steps, batch, 4) on the CPU, from `gen` alone, so that any device and any number of processes
-    see the same images in the same views."""
+    """`steps` batches of ids from back-to-back permutations of idx, with crop offsets (0..2*pad) and flips: long
+    (steps, batch, 4) on the CPU, from `gen` alone, so any device and number of processes sees the same views."""
     n = steps * batch
     ids = torch.cat([idx[torch.randperm(len(idx), generator=gen)] for _ in range(math.ceil(n / len(idx)))])[:n]
     crop = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
     return torch.cat([ids[:, None], crop, torch.randint(0, 2, (n, 1), generator=gen)], 1).view(steps, batch, 4)
 
 def fetch(src, rows, device):
-    """src[rows] on device, gathered where src lives (device, host memory or a mapped file); from the host through
-    pinned memory, so that the copy overlaps the GPU's work."""
+    """src[rows] on device, gathered where src lives; from the host through pinned memory (an asynchronous copy)."""
     out = src[rows.to(src.device, non_blocking=True)]
     return (out.pin_memory() if device.type == 'cuda' and out.device.type == 'cpu' else out).to(device,
                                                                                                  non_blocking=True)
 
 def augment(pool, plan, device):
-    """Weak augmentation of one rank's planned images, on the device: reflect-pad 1/8 of the side (4 px at 32 px),
-    crop at the planned offsets, flip where planned: uint8 pool -> float [0, 255] (B, 3, H, W)."""
+    """Planned images, reflect-padded by 1/8 of the side (4 px at 32 px), cropped, flipped: float [0, 255] on device."""
     x = fetch(pool, plan[:, 0], device)
     B, _, H, W = x.shape
     pad = H // 8
@@ -425,7 +402,6 @@ def model_view(model, res, device, channels_last):
     """The input one model sees: resized to its own size, normalised with its own mean/std (its timm config)."""
     cfg = timm.data.resolve_model_data_config(model)
     mean, std = (torch.tensor(cfg[k], device=device).view(1, 3, 1, 1) * 255 for k in ('mean', 'std'))
-
     def view(x):  # float (B, 3, H, W) in [0, 255] -> normalised (B, 3, res, res)
         if x.shape[-1] != res:
             x = F.interpolate(x, size=(res, res), mode='bilinear', align_corners=False, antialias=x.shape[-1] > res)
@@ -439,8 +415,7 @@ def fits(nbytes, device):
 
 # ================================================================ models
 def create_model(name, num_classes, res, pretrained, weights, kwargs, role):
-    """A timm model, pretrained from the hub or a local file, or random; ViTs built for `res` (timm resamples
-    pretrained position embeddings), other models as they are. Every failure is one line naming its flag."""
+    """A timm model (pretrained from the hub or a file, or random; ViTs built for `res`); failures name the flag."""
     if not timm.is_model(name):
         raise Abort(f"--{role}: unknown timm model {name!r} (list them with timm.list_models('*pattern*'))")
     kw = dict(num_classes=num_classes, pretrained=pretrained or bool(weights), **kwargs)
@@ -478,21 +453,12 @@ class StudentSide(nn.Module):
     def __init__(self, student, proj_general):
         super().__init__()
         self.student, self.proj_general = student, proj_general
-
     def forward(self, x):  # -> f_s (B, d_s), h(f_s) (B, C), P_g(f_s) (B, d_t) or None
         f_s = features(self.student, x)
         return f_s, self.student.get_classifier()(f_s), self.proj_general(f_s) if self.proj_general else None
 
-def final_activation(student, mode):
-    """P_c's output is a *target for f_s*, so it ends where f_s ends (a gap the paper leaves): timm's MobileNetV3
-    pre-logits come out of `act2` (Hardswish, min -0.375) after `conv_head`; other students: identity."""
-    act = getattr(student, 'act2', None)
-    return type(act)() if mode == 'auto' and hasattr(student, 'conv_head') and isinstance(act, nn.Module) else \
-        nn.Identity()
-
 def build(args, num_classes, device, teacher=None, student=None):
-    """Models (the teacher only if a feature loss needs it), projectors, views and the DDP-wrapped, compiled
-    forwards. Built before the data is read, so that a model's complaint comes before any long work."""
+    """Models (the teacher if a feature loss needs it), projectors, views and the DDP-wrapped, compiled forwards."""
     use_teacher = args.w_custom > 0 or args.w_general > 0
     if student is None:
         student = create_model(args.student, num_classes, args.student_res, args.pretrained, args.student_weights,
@@ -521,7 +487,12 @@ def build(args, num_classes, device, teacher=None, student=None):
         kd.teacher = teacher.eval().requires_grad_(False)                                    # frozen, always
         kd.view_t, kd.feat_t = model_view(teacher, args.teacher_res, device, bf16), compiled(partial(features, teacher))
     if args.w_custom > 0:  # [CustomKD] P_c: d_t -> d_s, the customization projector (paper θ_t^h)
-        kd.proj_custom = nn.Sequential(nn.Linear(kd.d_t, kd.d_s), final_activation(student, args.proj_act)).to(device)
+        # P_c(f_t) is a *target for f_s*, so it ends where f_s ends (a gap the paper leaves): timm's MobileNetV3
+        # pre-logits come out of `act2` (Hardswish, min -0.375) after `conv_head`; other students: identity.
+        act = getattr(student, 'act2', None)
+        end = type(act)() if args.proj_act == 'auto' and hasattr(student, 'conv_head') and isinstance(act, nn.Module) \
+            else nn.Identity()
+        kd.proj_custom = nn.Sequential(nn.Linear(kd.d_t, kd.d_s), end).to(device)
         kd.head_c = kd.head if args.custom_head == 'student' else \
             nn.Linear(kd.d_s, num_classes).to(device).requires_grad_(False)                  # ablation: random head
     if args.w_general > 0:  # P_g: d_s -> d_t, the general projector on the student side
@@ -564,10 +535,8 @@ def teacher_features(kd, pool, plan, x=None):
     return teacher_forward(kd, augment(pool, plan, kd.device) if x is None else x)
 
 def build_teacher_cache(kd, pool, x_test, batch, with_train):
-    """Teacher features, once, shared out over the ranks: every test image and, with --teacher-cache, every training
-    image plain and flipped (rows 2i, 2i+1); on the device when they fit, else in host memory."""
+    """Teacher features, once, over the ranks: test images; with --teacher-cache training images plain and flipped."""
     dtype = torch.bfloat16 if kd.bf16 else torch.float32
-
     def rows(x, views, i, j):  # -> (j - i, views, d_t)
         v = x[i:j].to(kd.device).float()
         return torch.stack([teacher_forward(kd, v.flip(-1) if flip else v) for flip in range(views)], 1).to(dtype)
@@ -627,12 +596,10 @@ class Meter:
     """Device-side sums of the loss terms and the first step each went non-finite at: no host sync per step."""
     def __init__(self, steps, device):
         self.steps, self.sums, self.bad, self.never = steps, {}, {}, torch.tensor(steps, device=device)
-
     def add(self, step, terms):
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0) + v.detach()
             self.bad[k] = torch.minimum(self.bad.get(k, self.never), torch.where(v.isfinite(), self.steps, step))
-
     def result(self):  # -> means over steps and ranks, the term(s) that went non-finite first
         bad = {k: int(all_reduce(v, dist.ReduceOp.MIN)) for k, v in self.bad.items()}
         culprits = [k for k, v in bad.items() if v == min(bad.values()) < self.steps]
@@ -680,10 +647,11 @@ def distill_epoch(kd, pool, y_pool, labeled_idx, unlabeled_idx, args, opt, weigh
     for s, (plan_l, plan_u) in enumerate(progress(plans, 'stage 2', steps * (b_l + b_u), b_l + b_u)):
         for group in opt.param_groups:  # cosine decay over all stage-2 steps of the run
             group['lr'] = args.lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + s) / (args.epochs * steps)))
-        p = torch.cat([shard(plan_l), shard(plan_u)])                      # this rank's share of [x_l; x_u]
+        plan_l = shard(plan_l)
+        p = torch.cat([plan_l, shard(plan_u)])                             # this rank's share of [x_l; x_u]
         x = augment(pool, p, kd.device)                                    # the same view for teacher and student
         f_t = teacher_features(kd, pool, p, x) if kd.teacher is not None else None            # (B, d_t), no grad
-        terms = distill_step(kd, x, fetch(y_pool, shard(plan_l)[:, 0], kd.device), f_t)
+        terms = distill_step(kd, x, fetch(y_pool, plan_l[:, 0], kd.device), f_t)
         take_step(opt, sum(weights[k] * v for k, v in terms.items()))     # [CustomKD] the weighted sum
         meter.add(s, terms)
     for b in kd.student.buffers():  # BatchNorm running statistics: per rank in an epoch, averaged at its end
@@ -694,8 +662,7 @@ def distill_epoch(kd, pool, y_pool, labeled_idx, unlabeled_idx, args, opt, weigh
 # ================================================================ evaluation
 @torch.no_grad()
 def evaluate(kd, x_test, y_test, batch, cka_idx):
-    """Test accuracy of the student and of h(P_c(f_t)); linear CKA of f_s against f~_t and f_t on a fixed subset.
-    Each rank computes its shard of the test set; the numbers are over all of it."""
+    """Test accuracy of the student and of h(P_c(f_t)) (sharded over ranks); linear CKA of f_s with f~_t and f_t."""
     kd.student.eval()
     with kd.amp():
         f_s = sharded_rows(len(x_test), batch, lambda i, j: kd.student_side(kd.view_s(
@@ -742,14 +709,6 @@ def load_checkpoint(path, identity):
                         f'not {v}; use the original value or another --out-dir')
     return ckpt
 
-def peak_mb(device):
-    """Peak memory since the last call: CUDA allocations on a GPU; on a CPU the process's peak RSS."""
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's lifetime peak
-
 def console_line(row, epochs):
     def f(key, fmt):
         return fmt.format(row[key]) if row.get(key) is not None else '-'.rjust(len(fmt.format(0.0)))
@@ -772,8 +731,7 @@ def clock(device):
 
 # ================================================================ main
 def setup(args, teacher=None, student=None):
-    """Everything before the first epoch: process, models, data, split, optimizers, restored state, the run
-    directory and the teacher's features. -> the run's namespace"""
+    """Everything before the first epoch: process, data, models, split, optimizers, state, run directory, cache."""
     r = SimpleNamespace(args=args, t_start=time.time(), start=0, history=[], wall=0.0)
     r.device = device = init_process(args)
     if teacher is not None or student is not None:  # your own modules: recorded by class name
@@ -790,7 +748,6 @@ def setup(args, teacher=None, student=None):
         torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA lacks a few kernels
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.manual_seed(args.seed)
-
     RUN.phase = 'data'  # CIFAR and the demo load in seconds; a folder is decoded after the models are built
     data = load_data(args) if args.dataset != 'folder' else None
     RUN.phase, r.num_classes = 'model', len(data['classes'] if data else class_folders(args.train_dir)[0])
@@ -806,7 +763,6 @@ def setup(args, teacher=None, student=None):
     r.y_pool, r.y_test = data['train_y'].to(device), data['test_y'].to(device)
     if kd.teacher is not None and args.demo_teacher_steps and args.dataset == 'synthetic' and teacher is None:
         train_demo_teacher(kd, data['teacher_x'], data['teacher_y'], args.demo_teacher_steps, args.seed)
-
     params = list(kd.student.parameters()) + (list(kd.proj_general.parameters()) if kd.proj_general else [])
     r.opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     r.opt_custom = torch.optim.Adam(kd.proj_custom.parameters(), lr=args.lr_custom) if kd.proj_custom else None
@@ -842,8 +798,7 @@ def setup(args, teacher=None, student=None):
     return r
 
 def timed_stage(r, row, epoch, stage, fn, *a):
-    """One stage of one epoch, its data plan drawn from (seed, epoch, stage) alone (resuming needs no generator
-    state; runs with and without stage 1 see the same stage-2 batches); logs time and images/s."""
+    """One stage of one epoch with its own data plan, seeded by (seed, epoch, stage) alone; time and images/s."""
     RUN.phase, t = f'stage {stage}', clock(r.device)
     (means, culprits), n_img = fn(*a, torch.Generator().manual_seed((r.args.seed << 32) + 2 * epoch + stage))
     key = 'customize' if stage == 1 else 'distill'
@@ -856,7 +811,12 @@ def timed_stage(r, row, epoch, stage, fn, *a):
 
 def save_epoch(r, row):
     """The epoch's row, an atomic checkpoint and the deployable student (rank 0 writes)."""
-    RUN.phase, row['mem/peak_mb'] = 'saving', peak_mb(r.device)
+    RUN.phase = 'saving'
+    if r.device.type == 'cuda':  # the epoch's peak CUDA allocations
+        row['mem/peak_mb'] = torch.cuda.max_memory_allocated(r.device) / 2**20
+        torch.cuda.reset_peak_memory_stats(r.device)
+    else:  # the process's peak RSS so far (Linux: KiB)
+        row['mem/peak_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r.history.append(row)
     if RUN.rank == 0:
         save_atomic(dict(identity=r.identity, epoch=row['epoch'], history=r.history, labeled_idx=r.labeled_idx,
@@ -865,8 +825,7 @@ def save_epoch(r, row):
                          **{k: p.state_dict() if p is not None else {} for k, p in r.parts.items()}), r.ckpt_path)
         save_atomic(dict(state_dict=r.kd.student.state_dict(), model=r.args.student, num_classes=r.num_classes),
                     os.path.join(r.args.out_dir, 'student.pt'))
-        with open(r.metrics_path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
+        save_atomic(''.join(json.dumps(h) + '\n' for h in r.history), r.metrics_path)
     say(console_line(row, r.args.epochs))
 
 def summarise(r):
