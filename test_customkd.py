@@ -2,10 +2,12 @@
 
 Run: HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py
 """
+import errno
 import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +28,8 @@ import customkd as ck
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = torch.device('cpu')
-TINY = ['--dataset', 'synthetic', '--synthetic-size', '200', '--epochs', '2', '--cka-samples', '40',
-        '--demo-teacher-steps', '0']
+TINY = ['--dataset', 'synthetic', '--synthetic-size', '200', '--labels', '20', '--epochs', '2', '--cka-samples',
+        '40', '--demo-teacher-steps', '0']  # 20 classes of 10 images, one of them labeled; 50 test images
 VOLATILE = ('time/', 'throughput/', 'mem/')  # wall-clock measurements differ between runs by nature
 WEIGHTS = {'loss/feat_custom': 1.0, 'loss/feat_general': 1.0, 'loss/sup': 1.0, 'loss/entropy': 1.0}
 ENV = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=HERE)
@@ -49,13 +51,9 @@ def rows(run_dir):
         return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)} for line in f]
 
 
-def tiny_parts(tmp_path, *extra):
-    args = ck.parse_args(TINY + ['--out-dir', str(tmp_path / 'run'), *extra])
-    torch.manual_seed(0)
-    kd = ck.build(args, 10, CPU)
-    data = ck.load_data(args)
-    lab, unl = ck.split_labeled(data['train_y'], args.labels, 10, 0)
-    return args, data, kd, lab, unl
+def tiny_kd(tmp_path, *extra, **models):
+    """Everything a run holds before its first epoch: models, projectors, data, split, optimizers."""
+    return ck.setup(ck.parse_args(TINY + ['--out-dir', str(tmp_path / 'run'), '--overwrite', *extra]), **models)
 
 
 def gen(seed=0):
@@ -145,14 +143,14 @@ def test_linear_cka_values_and_invariances():
 
 # ------------------------------------------------------------------ the two stages
 def test_stage1_changes_only_the_customization_projector(tmp_path):
-    args, data, kd, lab, _ = tiny_parts(tmp_path)
+    kd = tiny_kd(tmp_path)
+    kd.args.batch_size, kd.opt_custom = 8, torch.optim.Adam(kd.proj_custom.parameters(), lr=1e-2)
     before = {m: snapshot(getattr(kd, m)) for m in ('teacher', 'student', 'proj_general', 'proj_custom')}
     calls = []
     hook = kd.student.get_classifier().register_forward_hook(lambda *a: calls.append(1))
-    opt = torch.optim.Adam(kd.proj_custom.parameters(), lr=1e-2)
-    (means, culprits), n_img = ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, opt, gen())
+    means, n_img = ck.customize_epoch(kd, 0)
     hook.remove()
-    assert math.isfinite(means['loss/customize']) and culprits == []
+    assert list(means) == ['loss/customize'] and math.isfinite(means['loss/customize'])
     assert n_img == 16 and len(calls) == 2  # 20 labeled, batch 8 -> 2 steps, each through h
     assert kd.head_c is kd.student.get_classifier()
     for m in ('teacher', 'student', 'proj_general'):
@@ -161,24 +159,20 @@ def test_stage1_changes_only_the_customization_projector(tmp_path):
 
 
 def test_random_custom_head_is_not_the_student_head(tmp_path):
-    args, data, kd, lab, _ = tiny_parts(tmp_path, '--custom-head', 'random')
+    kd = tiny_kd(tmp_path, '--custom-head', 'random', '--batch-size', '8')
     assert kd.head_c is not kd.head and not any(p.requires_grad for p in kd.head_c.parameters())
     calls, rnd = [], snapshot(kd.head_c)
     kd.head.register_forward_hook(lambda *a: calls.append('student'))
     kd.head_c.register_forward_hook(lambda *a: calls.append('random'))
-    ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, torch.optim.Adam(kd.proj_custom.parameters()),
-                       gen())
+    ck.customize_epoch(kd, 0)
     assert calls == ['random', 'random'] and same(kd.head_c, rnd)
 
 
 def test_stage2_never_changes_teacher_or_customization_projector(tmp_path):
-    args, data, kd, lab, unl = tiny_parts(tmp_path)
+    kd = tiny_kd(tmp_path, '--lr', '0.05')
     before = {m: snapshot(getattr(kd, m)) for m in ('teacher', 'proj_custom', 'student', 'proj_general')}
-    params = list(kd.student.parameters()) + list(kd.proj_general.parameters())
-    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    (terms, culprits), n_img = ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, WEIGHTS,
-                                                0, gen())
-    assert culprits == [] and set(terms) == set(WEIGHTS) and all(math.isfinite(v) for v in terms.values())
+    terms, n_img = ck.distill_epoch(kd, 0)
+    assert set(terms) == set(WEIGHTS) and all(math.isfinite(v) for v in terms.values())
     assert n_img == 4 * (16 + 48)  # 200 unlabeled // 48 = 4 steps of 16 labeled + 48 unlabeled
     assert same(kd.teacher, before['teacher']) and same(kd.proj_custom, before['proj_custom'])
     assert not same(kd.student, before['student']) and not same(kd.proj_general, before['proj_general'])
@@ -187,41 +181,42 @@ def test_stage2_never_changes_teacher_or_customization_projector(tmp_path):
 
 
 def test_projector_ends_with_student_activation(tmp_path):
-    _, _, kd, _, _ = tiny_parts(tmp_path)
+    kd = tiny_kd(tmp_path)
     assert isinstance(kd.proj_custom[1], nn.Hardswish) and kd.proj_custom[0].in_features == 192
     assert kd.proj_custom[0].out_features == kd.head.in_features == kd.proj_general.in_features
-    _, _, kd, _, _ = tiny_parts(tmp_path, '--proj-act', 'none')
-    assert isinstance(kd.proj_custom[1], nn.Identity)
+    kd = tiny_kd(tmp_path, student=TinyNet(16, num_classes=ck.DEMO_CLASSES))  # pre-logits out of a pooling layer
+    assert isinstance(kd.proj_custom[1], nn.Identity) and kd.proj_custom[0].out_features == 16
 
 
 def test_teacher_cache_equals_fresh_features(tmp_path):
-    _, data, kd, _, _ = tiny_parts(tmp_path)
-    x = data['train_x'][:30]
-    ck.build_teacher_cache(kd, x, data['test_x'][:10], batch=8, with_train=True)
+    kd = tiny_kd(tmp_path)
+    kd.x_pool, kd.x_test, kd.batch_eval = kd.x_pool[:30], kd.x_test[:10], 8
+    ck.build_teacher_cache(kd, with_train=True)
     assert kd.cache_train.shape == (60, 192) and kd.cache_test.shape == (10, 192)
     assert kd.cache_train.dtype == torch.float32  # fp32 run: fp32 cache
-    plain, flipped = (ck.teacher_forward(kd, v.float()) for v in (x, x.flip(-1)))
-    assert torch.allclose(kd.cache_train[0::2], plain, atol=1e-5) and torch.allclose(kd.cache_train[1::2], flipped,
-                                                                                        atol=1e-5)
+    x = kd.x_pool
+    plain, flipped = (ck.teacher_features(kd, x=v.float()) for v in (x, x.flip(-1)))
+    # batches of 8 against one of 30: other kernels, other rounding, so a tolerance; a wrong view is 1e-2 away
+    assert torch.allclose(kd.cache_train[0::2], plain, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(kd.cache_train[1::2], flipped, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(plain, flipped, atol=1e-2)
     plan = torch.tensor([[3, 0, 0, 1], [4, 0, 0, 0], [5, 0, 0, 1]])
-    got = ck.teacher_features(kd, None, plan)  # the planned flip picks the cached view
+    got = ck.teacher_features(kd, plan)  # the planned flip picks the cached view
     assert torch.equal(got, torch.stack([kd.cache_train[7], kd.cache_train[8], kd.cache_train[11]]))
 
 
 def test_with_the_cache_no_stage_and_no_evaluation_runs_the_teacher(tmp_path):
-    args, data, kd, lab, unl = tiny_parts(tmp_path)
-    ck.build_teacher_cache(kd, data['train_x'], data['test_x'], batch=64, with_train=True)
+    kd = tiny_kd(tmp_path)
+    ck.build_teacher_cache(kd, with_train=True)
 
     def teacher_ran(x):
         raise AssertionError('the teacher ran')
     kd.feat_t = teacher_ran
-    opt = torch.optim.SGD(list(kd.student.parameters()) + list(kd.proj_general.parameters()), lr=0.01)
-    ck.customize_epoch(kd, data['train_x'], data['train_y'], lab, 8, torch.optim.Adam(kd.proj_custom.parameters()),
-                       gen())
-    ck.distill_epoch(kd, data['train_x'], data['train_y'], lab, unl, args, opt, WEIGHTS, 0, gen())
-    out = ck.evaluate(kd, data['test_x'], data['test_y'], 64, torch.arange(40))
+    ck.customize_epoch(kd, 0)
+    ck.distill_epoch(kd, 0)
+    out, n = ck.evaluate(kd)
     assert set(out) == {'acc/student', 'acc/teacher_custom', 'cka/student_vs_custom', 'cka/student_vs_teacher'}
+    assert n == len(kd.x_test) == 50
 
 
 @pytest.mark.parametrize('size', [8, 32, 64])
@@ -261,26 +256,47 @@ def test_demo_writes_every_output_and_learns(demo):
     lines = [json.loads(line) for line in open(out / 'metrics.jsonl')]
     assert [r['epoch'] for r in lines] == list(range(1, 9))
     assert set(lines[-1]) == set(ck.METRIC_KEYS) and all(lines[-1][k] is not None for k in ck.METRIC_KEYS)
-    assert summary['acc_student_last'] == lines[-1]['acc/student'] > 0.5  # chance is 0.1
-    assert summary['acc_teacher_custom_last'] > 0.9  # the demo teacher knows the classes
+    # Wide margins, whatever the CPU's kernels: chance is 0.05 (20 classes); over seeds 0-4 on one CPU the student
+    # ended between DEMOMIN and DEMOMAX and the customized teacher (a linear probe on a pre-trained teacher) above DEMOTC.
+    assert summary['acc_student_last'] == lines[-1]['acc/student'] > 0.2
+    assert summary['acc_teacher_custom_last'] > 0.5
     assert summary['acc_student_best'] == max(r['acc/student'] for r in lines)
     assert lines[-1]['loss/feat_general'] < lines[0]['loss/feat_general']  # a healthy run: feature loss falls
-    assert summary['num_labeled'] == 160 and summary['num_unlabeled'] == 1600 and summary['epochs'] == 8
+    assert summary['num_labeled'] == 40 and summary['num_unlabeled'] == 1200 and summary['epochs'] == 8
     assert json.load(open(out / 'summary.json'))['acc_student_last'] == summary['acc_student_last']
-    assert json.load(open(out / 'args.json'))['labels'] == '10pct'
+    assert json.load(open(out / 'args.json'))['labels'] == '40'
     student = torch.load(out / 'student.pt', weights_only=True)
-    assert student['model'] == 'mobilenetv3_small_050' and student['num_classes'] == 10
+    assert student['model'] == 'mobilenetv3_small_050' and student['num_classes'] == 20
     ckpt = torch.load(out / 'checkpoint.pt', weights_only=True)
-    assert ckpt['epoch'] == 8 and 'teacher' not in ckpt and len(ckpt['labeled_idx']) == 160
+    assert ckpt['epoch'] == 8 and 'teacher' not in ckpt and len(ckpt['labeled_idx']) == 40
 
 
-def test_demo_teacher_learns_then_is_frozen(tmp_path):
-    args, data, kd, _, _ = tiny_parts(tmp_path, '--demo-teacher-steps', '20')
-    before = snapshot(kd.teacher)
-    ck.train_demo_teacher(kd, data['teacher_x'], data['teacher_y'], 20, seed=0)
-    assert not same(kd.teacher, before) and len(data['teacher_x']) == 2000
+def test_demo_models_are_pre_trained_then_the_teacher_is_frozen(tmp_path):
+    kd = tiny_kd(tmp_path)
+    data, teacher, student = ck.load_data(kd.args), snapshot(kd.teacher), snapshot(kd.student)
+    ck.pretrain_demo_models(kd, data['teacher_x'], data['teacher_y'], 20, seed=0)
+    assert not same(kd.teacher, teacher) and not same(kd.student, student)
+    assert len(data['teacher_x']) == ck.DEMO_TEACHER_IMAGES
     assert not kd.teacher.training and not any(p.requires_grad for p in kd.teacher.parameters())
-    assert not any(torch.equal(t, s) for t in data['teacher_x'][:50] for s in data['train_x'][:50])
+    assert kd.student.training and all(p.requires_grad for p in kd.student.parameters())  # ready for stage 2
+    kd = tiny_kd(tmp_path)  # your own student (passed to main): used as given; the demo teacher is still pre-trained
+    teacher, student = snapshot(kd.teacher), snapshot(kd.student)
+    ck.pretrain_demo_models(kd, data['teacher_x'], data['teacher_y'], 20, seed=0, own=(None, kd.student))
+    assert not same(kd.teacher, teacher) and same(kd.student, student)
+
+
+def test_demo_teacher_is_pre_trained_on_other_classes_than_the_students(tmp_path):
+    """Task-general, as a foundation model: none of the demo teacher's classes is one of the student's."""
+    data = ck.load_data(ck.parse_args(['--dataset', 'synthetic', '--out-dir', str(tmp_path / 'r')]))
+    student = set(data['train_y'].tolist()) | set(data['test_y'].tolist())
+    teacher = set(data['teacher_y'].tolist())
+    assert student == set(range(ck.DEMO_CLASSES)) and len(data['classes']) == ck.DEMO_CLASSES
+    assert teacher == set(range(ck.DEMO_CLASSES, ck.DEMO_CLASSES + ck.DEMO_TEACHER_CLASSES)) and not student & teacher
+    # the classes differ in content: each teacher class's mean image is far from every student class's mean image
+    means = {c: data[x][data[y] == c].float().mean(0) for x, y, cs in (('train_x', 'train_y', student),
+                                                                      ('teacher_x', 'teacher_y', teacher)) for c in cs}
+    gaps = [(means[a] - means[b]).abs().mean().item() for a in teacher for b in student]
+    assert min(gaps) > 5  # grey levels, out of 255
 
 
 def test_console_prints_one_aligned_line_per_epoch(tmp_path, capsys):
@@ -321,44 +337,51 @@ def test_teacher_cache_run(tmp_path):
     assert code == 0 and summary['acc_teacher_custom_last'] is not None and summary['time/teacher_cache_s'] > 0
 
 
-def test_progress_shows_after_ten_seconds_and_at_most_once_a_minute_in_a_log(monkeypatch, capsys):
-    clock = iter([0.0, 5.0, 11.0, 30.0, 75.0, 130.0])
+def test_progress_prints_once_a_minute(monkeypatch, capsys):
+    clock = iter([0.0, 5.0, 11.0, 30.0, 75.0, 130.0, 140.0])
     monkeypatch.setattr(ck.time, 'time', lambda: next(clock))
-    assert list(ck.progress(range(5), 'phase', 50, per=10)) == list(range(5))
+    assert list(ck.progress(range(6), 'phase', 60, per=10)) == list(range(6))
     err = capsys.readouterr().err.splitlines()
-    assert err == ['phase: 40/50, 1/s, 19 s left ']  # after 10 s and once in the next minute, not at 11 s and 75 s
+    assert err == ['phase: 40/60, 1/s, 38 s left', 'phase: 60/60, 0/s, 0 s left']  # at 75 s and 140 s, not at 130 s
 
 
 # ------------------------------------------------------------------ bf16, channels_last and torch.compile on the CPU
 def test_bf16_on_the_cpu_runs_the_gpu_lines(tmp_path):
-    _, data, kd32, lab, unl = tiny_parts(tmp_path)
-    _, _, kd16, _, _ = tiny_parts(tmp_path, '--precision', 'bf16')
+    kd32 = tiny_kd(tmp_path)
+    kd16 = tiny_kd(tmp_path, '--precision', 'bf16')
     assert kd16.bf16 and not kd32.bf16 and kd16.student.conv_stem.weight.is_contiguous(
         memory_format=torch.channels_last)
-    x = ck.augment(data['train_x'], torch.cat([ck.epoch_plan(lab, 16, 1, gen(), 4)[0],
-                                               ck.epoch_plan(unl, 48, 1, gen(), 4)[0]]), CPU)
+    lab, unl = kd32.labeled_idx, kd32.unlabeled_idx
+    x = ck.augment(kd32.x_pool, torch.cat([ck.epoch_plan(lab, 16, 1, gen(), 4)[0],
+                                           ck.epoch_plan(unl, 48, 1, gen(), 4)[0]]), CPU)
     dtypes = []
     kd16.student.conv_stem.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     terms = {}
     for name, kd in (('fp32', kd32), ('bf16', kd16)):
-        terms[name] = ck.distill_step(kd, x, data['train_y'][lab[:16]], ck.teacher_forward(kd, x))
+        terms[name] = ck.distill_step(kd, x, kd.y_pool[lab[:16]], ck.teacher_features(kd, x=x))
         assert all(v.dtype == torch.float32 for v in terms[name].values())  # losses in fp32, whatever the precision
     assert dtypes == [torch.bfloat16]  # the student ran under bf16 autocast
     for k in WEIGHTS:  # the same first-step losses within 3 %, but not bit-equal: bf16 did run
         assert terms['bf16'][k].item() == pytest.approx(terms['fp32'][k].item(), rel=0.03), k
         assert terms['bf16'][k].item() != terms['fp32'][k].item(), k
-    ck.build_teacher_cache(kd16, data['train_x'][:20], data['test_x'][:8], 8, with_train=True)
+    kd16.x_pool, kd16.x_test, kd16.batch_eval = kd16.x_pool[:20], kd16.x_test[:8], 8
+    ck.build_teacher_cache(kd16, with_train=True)
     assert kd16.cache_train.dtype == kd16.cache_test.dtype == torch.bfloat16
-    assert ck.teacher_features(kd16, None, torch.tensor([[3, 0, 0, 1]])).dtype == torch.float32
+    assert ck.teacher_features(kd16, torch.tensor([[3, 0, 0, 1]])).dtype == torch.float32
 
 
 @pytest.mark.parametrize('cache', [[], ['--teacher-cache']])
 def test_bf16_demo_pipeline_end_to_end(tmp_path, cache):
-    code, summary, _ = run_main(TINY + ['--precision', 'bf16', '--epochs', '3', '--out-dir', str(tmp_path / 'r')]
-                                + cache)
-    assert code == 0 and summary['acc_student_last'] > 0.2  # chance is 0.1
-    for row in rows(tmp_path / 'r'):
-        assert all(math.isfinite(row[k]) for k in WEIGHTS) and math.isfinite(row['loss/customize'])
+    """The whole pipeline in bf16 against the same run in fp32: finite, and the same first-epoch losses within 10 %.
+    No accuracy threshold: a short run's accuracy depends on the CPU's kernels."""
+    for precision in ('fp32', 'bf16'):
+        code, summary, _ = run_main(TINY + ['--precision', precision, '--epochs', '2', '--out-dir',
+                                            str(tmp_path / precision)] + cache)
+        assert code == 0 and 0 <= summary['acc_student_last'] <= 1 and summary['args']['precision'] == precision
+    fp32, bf16 = rows(tmp_path / 'fp32'), rows(tmp_path / 'bf16')
+    assert len(bf16) == 2 and all(math.isfinite(row[k]) for row in bf16 for k in [*WEIGHTS, 'loss/customize'])
+    for k in [*WEIGHTS, 'loss/customize']:
+        assert bf16[0][k] == pytest.approx(fp32[0][k], rel=0.1), k
 
 
 def test_compile_path_traces_full_graphs_and_never_recompiles(tmp_path, monkeypatch):
@@ -468,7 +491,7 @@ class TinyNet(nn.Module):
 
 
 def test_bring_your_own_models(tmp_path):
-    teacher, student = TinyNet(24), TinyNet(16, num_classes=10)
+    teacher, student = TinyNet(24), TinyNet(16, num_classes=ck.DEMO_CLASSES)
     code, summary, _ = run_main(TINY + ['--out-dir', str(tmp_path / 'own')], teacher=teacher, student=student)
     assert code == 0 and summary['args']['student'] == 'TinyNet' and summary['acc_teacher_custom_last'] is not None
     saved = torch.load(tmp_path / 'own' / 'student.pt', weights_only=True)
@@ -492,6 +515,12 @@ def reference_decode(path, size):
         return TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert('RGB'), size), size))
 
 
+def load_folder(root, args):
+    """A folder listed and decoded as a run does it -> uint8 images, labels, classes, names under root."""
+    files, y, classes = ck.list_folder('--train-dir', str(root))
+    return ck.decode_folder(files, args), torch.tensor(y), classes, [os.path.relpath(f, str(root)) for f in files]
+
+
 def folder_args(tmp_path, *extra):
     return ['--dataset', 'folder', '--image-size', '32', '--teacher-res', '32', '--student-res', '32',
             '--no-pretrained', '--teacher', 'vit_tiny_patch16_224', '--teacher-kwargs',
@@ -503,7 +532,7 @@ def test_folder_is_decoded_once_into_a_mapped_array_and_reused(tmp_path, monkeyp
     write_folder(tmp_path / 'src', ['cat', 'dog'], 6, 0)
     args = ck.parse_args(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
                                      str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')))
-    x, y, classes, names = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+    x, y, classes, names = load_folder(tmp_path / 'src', args)
     assert x.shape == (12, 3, 32, 32) and x.dtype == torch.uint8 and classes == ['cat', 'dog']
     assert y.tolist() == [0] * 6 + [1] * 6 and names[7] == os.path.join('dog', '1.png')
     for i in (0, 7, 11):
@@ -514,13 +543,13 @@ def test_folder_is_decoded_once_into_a_mapped_array_and_reused(tmp_path, monkeyp
     with monkeypatch.context() as m:  # a second run reads the array and decodes nothing
         m.setattr(torch.utils.data, 'DataLoader', lambda *a, **k: (_ for _ in ()).throw(AssertionError('decoded')))
         t = time.time()
-        x2, _, _, _ = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+        x2, _, _, _ = load_folder(tmp_path / 'src', args)
         assert torch.equal(x, x2) and time.time() - t < 2
     write_folder(tmp_path / 'src', ['cat'], 7, 1)  # one more file: another file list, decoded anew
-    x3, _, _, _ = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+    x3, _, _, _ = load_folder(tmp_path / 'src', args)
     assert len(x3) == 13 and len(os.listdir(tmp_path / 'cache')) == 2
     args.image_size = 16  # another image size, decoded anew
-    assert ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)[0].shape == (13, 3, 16, 16)
+    assert load_folder(tmp_path / 'src', args)[0].shape == (13, 3, 16, 16)
     assert len(os.listdir(tmp_path / 'cache')) == 3
 
 
@@ -537,10 +566,10 @@ def test_interrupted_decode_leaves_nothing_that_is_reused(tmp_path, monkeypatch)
             yield item
     monkeypatch.setattr(ck, 'progress', interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+        load_folder(tmp_path / 'src', args)
     assert os.listdir(tmp_path / 'cache') == []  # neither a complete-looking array nor a partial one
     monkeypatch.setattr(ck, 'progress', real)
-    x, _, _, names = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+    x, _, _, names = load_folder(tmp_path / 'src', args)
     assert torch.equal(x[599], reference_decode(tmp_path / 'src' / names[599], 32))
 
 
@@ -551,8 +580,8 @@ def test_mapped_array_and_in_memory_runs_give_the_same_metrics(tmp_path, monkeyp
                          '--labels', '50pct', '--deterministic')
     assert not ck.fits(1, CPU)  # on a CPU the pool stays the mapped array file
     assert run_main(common + ['--out-dir', str(tmp_path / 'mapped')])[0] == 0
-    real = ck.load_folders
-    monkeypatch.setattr(ck, 'load_folders', lambda *a, **k: (lambda x, *rest: (x.clone(), *rest))(*real(*a, **k)))
+    real = ck.decode_folder
+    monkeypatch.setattr(ck, 'decode_folder', lambda *a, **k: real(*a, **k).clone())
     assert run_main(common + ['--out-dir', str(tmp_path / 'memory')])[0] == 0  # the same images, copied into memory
     assert rows(tmp_path / 'memory') == rows(tmp_path / 'mapped') and len(rows(tmp_path / 'mapped')) == 2
 
@@ -572,7 +601,8 @@ def test_labeled_list_picks_exactly_the_listed_images(tmp_path, capsys):
     Image.new('RGB', (40, 40)).save(tmp_path / 'src' / 'cat' / 'unique.png')
     listed = tmp_path / 'list.txt'  # a bare file name (unique, as ImageNet's are) or a path under --train-dir
     listed.write_text('unique.png\ndog/4.png\n\ndog/0.png\n')
-    args = folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir', str(tmp_path / 'src'),
+    write_folder(tmp_path / 'test', ['cat', 'dog'], 2, 1)
+    args = folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir', str(tmp_path / 'test'),
                        '--labeled-list', str(listed))
     code, summary, _ = run_main(args + ['--out-dir', str(tmp_path / 'r')])
     assert code == 0 and summary['num_labeled'] == 3 and summary['num_unlabeled'] == 13
@@ -586,8 +616,9 @@ def test_corrupt_images_are_one_line_naming_them(tmp_path, capsys):
     write_folder(tmp_path / 'src', ['cat', 'dog'], 3, 0)
     (tmp_path / 'src' / 'dog' / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
     (tmp_path / 'src' / 'cat' / 'empty.png').write_bytes(b'')
+    write_folder(tmp_path / 'test', ['cat', 'dog'], 2, 1)
     code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
-                                        str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')), capsys)
+                                        str(tmp_path / 'test'), '--out-dir', str(tmp_path / 'r')), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
     assert '2 image file(s) cannot be read' in err and 'empty.png' in err
     assert [f for f in os.listdir(tmp_path / 'cache') if f.endswith('.u8')] == []
@@ -600,7 +631,7 @@ def test_grayscale_palette_rgba_and_cmyk_images_are_converted(tmp_path):
         base.convert(mode).save(tmp_path / 'src' / 'a' / f'{mode}.{ext}')
     args = ck.parse_args(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
                                      str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')))
-    x, _, _, names = ck.load_folders([('--train-dir', str(tmp_path / 'src'))], args)
+    x, _, _, names = load_folder(tmp_path / 'src', args)
     assert len(x) == 6
     for i, name in enumerate(names):
         assert torch.equal(x[i], reference_decode(tmp_path / 'src' / name, 32)), name
@@ -609,11 +640,10 @@ def test_grayscale_palette_rgba_and_cmyk_images_are_converted(tmp_path):
 
 def test_too_little_disk_for_the_array_stops_before_decoding(tmp_path, capsys, monkeypatch):
     write_folder(tmp_path / 'src', ['cat', 'dog'], 3, 0)
-    real = os.statvfs
-    monkeypatch.setattr(os, 'statvfs', lambda p: (lambda s: type('S', (), {'f_bavail': 1, 'f_frsize': 4096}))(
-        real(p)))
+    write_folder(tmp_path / 'test', ['cat', 'dog'], 2, 1)
+    monkeypatch.setattr(ck.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
-                                        str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')), capsys)
+                                        str(tmp_path / 'test'), '--out-dir', str(tmp_path / 'r')), capsys)
     assert code == 2 and '6 images at 32 px need 0.0 GB in --cache-dir' in err and 'GB are free' in err
     assert os.listdir(tmp_path / 'cache') == []
 
@@ -631,14 +661,15 @@ WORKER = '''
 import os, sys, torch, timm
 import customkd as ck
 torch.manual_seed(0)  # a BatchNorm-free student: 2 processes must then match 1 process up to float rounding
-student = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=32, num_classes=10)
+student = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=32, num_classes=20)
 seen = []  # images through the student in this process
 student.patch_embed.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
 ck.main(sys.argv[1:], student=student)
 torch.save({'state': student.state_dict(), 'images': sum(seen)},
            os.path.join(os.environ['OUT'], 'rank%s.pt' % os.environ.get('RANK', '0')))
 '''
-DDP_ARGS = ['--dataset', 'synthetic', '--synthetic-size', '256', '--epochs', '2', '--demo-teacher-steps', '0',
+DDP_ARGS = ['--dataset', 'synthetic', '--synthetic-size', '256', '--labels', '20', '--epochs', '2',
+            '--demo-teacher-steps', '0',
             '--cka-samples', '40', '--lr', '0.05']
 
 
@@ -667,7 +698,8 @@ def test_two_processes_train_like_one(tmp_path):
     # each process did half of the work (its share of every batch and of the test set), plus its own dummy forward
     assert r0['images'] == r1['images'] and r0['images'] + r1['images'] == r['images'] + 1
     r0, r1, r = r0['state'], r1['state'], r['state']
-    init = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=32, num_classes=10).state_dict()
+    init = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=32,
+                             num_classes=ck.DEMO_CLASSES).state_dict()
     for k in r:
         assert torch.equal(r0[k], r1[k]), k  # DDP kept the ranks identical
         moved = (r[k] - init[k]).abs().max().item()
@@ -677,7 +709,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert sum((r[k] - init[k]).abs().max().item() for k in r) > 0.1  # and training did move the parameters
     row1, row2 = rows(one / 'run'), rows(two / 'run')
     assert row1[-1]['loss/sup'] == pytest.approx(row2[-1]['loss/sup'], rel=1e-3)
-    assert row1[-1]['acc/student'] == row2[-1]['acc/student']
+    assert abs(row1[-1]['acc/student'] - row2[-1]['acc/student']) <= 1 / 64  # a near-tie may flip one test image
 
 
 def child_pids(pid):
@@ -713,7 +745,7 @@ def test_a_killed_process_ends_every_process_with_one_line(tmp_path):
 # ------------------------------------------------------------------ bad input
 BAD = [(['--labels', 'ten'], "'ten'"), (['--labels', '0'], 'positive count'), (['--labels', '0pct'], 'percentage'),
        (['--labels', '150pct'], 'percentage'), (['--labels', '-5'], "'-5'"), (['--labels', '15'], 'divide evenly'),
-       (['--labels', '400'], 'class 0 has 20 images'), (['--dataset', 'imagenet'], 'invalid choice'),
+       (['--labels', '400'], 'class 0 has 10 images'), (['--dataset', 'imagenet'], 'invalid choice'),
        (['--student', 'no_such_net'], 'unknown timm model'), (['--teacher', 'no_such_vit'], 'unknown timm model'),
        (['--device', 'cuda'], 'no CUDA device'), (['--epochs', '0'], "--epochs: expected a whole number in [1, "),
        (['--batch-size', '-4'], "got '-4'"), (['--lr', '0'], '--lr: expected a number in (0, 10]'),
@@ -722,7 +754,10 @@ BAD = [(['--labels', 'ten'], "'ten'"), (['--labels', '0'], 'positive count'), ([
        (['--student-kwargs', '{"no_such_arg": 1}'], "unexpected keyword argument 'no_such_arg'"),
        (['--teacher-res', '8', '--teacher-kwargs', '{"patch_size": 16}'], '--teacher cannot take --teacher-res 8'),
        (['--train-dir', '/nonexistent'], 'only for --dataset folder'), (['--resume', '--overwrite'], 'choose one'),
-       (['--teacher-weights', '/nonexistent.pth'], 'is not an existing file')]
+       (['--teacher-weights', '/nonexistent.pth'], 'is not an existing file'),
+       (['--teacher-kwargs', '{"num_classes": 5}'], "--teacher-kwargs sets 'num_classes', which customkd.py sets"),
+       (['--student-kwargs', '{"img_size": 64}'], "--student-kwargs sets 'img_size'"),
+       (['--student-kwargs', '{"pretrained": true}'], "--student-kwargs sets 'pretrained'")]
 
 
 @pytest.mark.parametrize('argv,message', BAD)
@@ -752,7 +787,7 @@ def test_every_flag_through_edge_values_exits_cleanly(tmp_path, monkeypatch, cap
     monkeypatch.setattr(torch, 'compile', cheap_compile([]))
     (tmp_path / 'FILE').write_text('not an image, a list or weights\n')
     (tmp_path / 'DIR').mkdir()
-    base = ['--dataset', 'synthetic', '--synthetic-size', '40', '--labels', '10', '--epochs', '1', '--cka-samples',
+    base = ['--dataset', 'synthetic', '--synthetic-size', '40', '--labels', '20', '--epochs', '1', '--cka-samples',
             '10', '--demo-teacher-steps', '2']
     flags, seen, n = [a for a in ck.build_parser()._actions if a.option_strings and a.dest != 'help'], set(), 0
     for action in flags:
@@ -768,7 +803,7 @@ def test_every_flag_through_edge_values_exits_cleanly(tmp_path, monkeypatch, cap
                 assert code == 0 or (len(err.strip().splitlines()) == 1 and err.startswith('customkd: error:')), argv
                 seen.add(option)
                 n += 1
-    assert len(seen) >= 45 and n > 300
+    assert len(seen) == len([o for a in flags for o in a.option_strings]) >= 44 and n > 300
 
 
 # ------------------------------------------------------------------ unexpected errors
@@ -778,7 +813,7 @@ def test_unexpected_error_names_its_phase_in_one_line(tmp_path, capsys, monkeypa
     monkeypatch.setattr(ck, 'distill_step', broken)
     code, _, err = run_main(TINY + ['--out-dir', str(tmp_path / 'r')], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
-    assert 'unexpected RuntimeError during stage 2: CUDA out of memory. Tried to allocate 2.00 GiB' in err
+    assert 'unexpected RuntimeError during distill: CUDA out of memory. Tried to allocate 2.00 GiB' in err
     assert 'lower --batch-size' in err and 'CUSTOMKD_DEBUG=1' in err
     monkeypatch.setenv('CUSTOMKD_DEBUG', '1')
     with pytest.raises(RuntimeError, match='out of memory'):
@@ -820,7 +855,7 @@ def test_resume_refuses_bad_checkpoints(tmp_path, capsys):
     assert code == 2 and 'no checkpoint' in err
     assert run_main(TINY + ['--epochs', '1', '--out-dir', str(out)])[0] == 0
     capsys.readouterr()
-    for argv, said in ((['--labels', '20'], '--labels 10pct'), (['--split-seed', '3'], '--split-seed 0'),
+    for argv, said in ((['--labels', '40'], '--labels 20'), (['--split-seed', '3'], '--split-seed 0'),
                        (['--student', 'mobilenetv3_small_075'], '--student mobilenetv3_small_050'),
                        (['--teacher', 'vit_small_patch16_224'], '--teacher vit_tiny_patch16_224'),
                        (['--demo-teacher-steps', '5'], '--demo-teacher-steps 0')):
@@ -904,3 +939,101 @@ def test_sigterm_mid_epoch_then_resume_is_exact(tmp_path):
     assert run_main(argv + ['--out-dir', str(part), '--resume'])[0] == 0
     assert rows(part) == rows(ref)
     assert (part / 'student.pt').read_bytes() == (ref / 'student.pt').read_bytes()
+
+
+# ------------------------------------------------------------------ a newcomer's mistakes and damaged storage
+def test_test_folder_that_is_or_shares_the_training_folder_is_refused_before_decoding(tmp_path, capsys):
+    root = tmp_path / 'data'  # the parent of train/ and test/, given as both folders: a 2-class 'train vs test' task
+    write_folder(root / 'train', ['cat', 'dog'], 3, 0)
+    write_folder(root / 'test', ['cat', 'dog'], 2, 1)
+    code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(root), '--test-dir', str(root), '--out-dir',
+                                        str(tmp_path / 'r')), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'holds 10 of the --train-dir images' in err
+    assert 'class folders named test/train: does the flag point at their parent folder?' in err
+    assert not (tmp_path / 'cache').exists() and not (tmp_path / 'r').exists()  # nothing decoded, nothing written
+    code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(root), '--test-dir', str(root / 'test'),
+                                        '--out-dir', str(tmp_path / 'r')), capsys)  # only --train-dir at the parent
+    assert code == 2 and 'class folders differ' in err and 'point at their parent' in err
+    assert not (tmp_path / 'cache').exists()  # listed and checked before anything is decoded
+    other = tmp_path / 'other'  # a test folder with one training image in it (here, a link to it)
+    write_folder(other, ['cat', 'dog'], 2, 2)
+    os.symlink(root / 'train' / 'dog' / '1.png', other / 'dog' / 'copy.png')
+    code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(root / 'train'), '--test-dir', str(other),
+                                        '--out-dir', str(tmp_path / 'r')), capsys)
+    assert code == 2 and 'holds 1 of the --train-dir images' in err and 'copy.png' in err and 'parent' not in err
+    write_folder(tmp_path / 'tgt', ['cat', 'dog'], 2, 3)  # domain adaptation: the unlabeled set may be the test set
+    code, summary, _ = run_main(folder_args(tmp_path, '--train-dir', str(root / 'train'), '--unlabeled-dir',
+                                            str(tmp_path / 'tgt'), '--test-dir', str(tmp_path / 'tgt'), '--labels',
+                                            'all', '--out-dir', str(tmp_path / 'da')))
+    assert code == 0 and summary['num_unlabeled'] == 4
+
+
+def test_truncated_decoded_array_is_decoded_again(tmp_path, capsys):
+    write_folder(tmp_path / 'src', ['cat', 'dog'], 4, 0)
+    args = ck.parse_args(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
+                                     str(tmp_path / 'src'), '--out-dir', str(tmp_path / 'r')))
+    x = load_folder(tmp_path / 'src', args)[0].clone()  # a copy: the mapping itself would fault once cut short
+    (array,) = (tmp_path / 'cache').iterdir()
+    with open(array, 'r+b') as f:  # cut short, as by a full disk or an interrupted copy
+        f.truncate(100)
+    capsys.readouterr()
+    x2, _, _, _ = load_folder(tmp_path / 'src', args)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert torch.equal(x, x2) and os.path.getsize(array) == 8 * 3 * 32 * 32
+    assert len(out) == 1 and 'holds 100 bytes, not 24576: decoding the images again' in out[0]
+
+
+class DiskFull:
+    """A file whose write stores half of the bytes, then raises ENOSPC, as on a full disk."""
+    def __init__(self, path, mode):
+        self.f = open(path, mode)
+
+    def write(self, data):
+        self.f.write(bytes(data)[:len(data) // 2])
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_out_of_space_while_saving_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    saved = []
+    def fake_open(path, mode='r', *a, **k):  # checkpoints of epoch 1 are written, then the disk is full
+        if str(path).endswith('checkpoint.pt.tmp'):
+            saved.append(path)
+        return DiskFull(path, mode) if len(saved) >= 2 else open(path, mode, *a, **k)
+    monkeypatch.setattr(ck, 'open', fake_open, raising=False)
+    out = tmp_path / 'r'
+    code, _, err = run_main(TINY + ['--epochs', '3', '--out-dir', str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+    assert f'--out-dir {out} is full (' in err and 'MB free) writing checkpoint.pt' in err and 'is intact' in err
+    assert torch.load(out / 'checkpoint.pt', weights_only=True)['epoch'] == 1  # the last good one, whole
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')] and len(rows(out)) == 1
+    monkeypatch.setattr(ck, 'open', open, raising=False)
+    assert run_main(TINY + ['--epochs', '3', '--out-dir', str(out), '--resume'])[0] == 0 and len(rows(out)) == 3
+
+
+def test_resume_compares_model_arguments_as_json_not_as_text(tmp_path, capsys):
+    out = tmp_path / 'r'
+    assert run_main(TINY + ['--epochs', '1', '--teacher-kwargs', '{"depth":1,"patch_size":8}', '--out-dir',
+                            str(out)])[0] == 0
+    code, _, _ = run_main(TINY + ['--epochs', '2', '--teacher-kwargs', '{ "patch_size": 8,  "depth": 1 }', '--resume',
+                                  '--out-dir', str(out)], capsys)
+    assert code == 0 and len(rows(out)) == 2
+    code, _, err = run_main(TINY + ['--epochs', '3', '--teacher-kwargs', '{"depth": 2, "patch_size": 8}', '--resume',
+                                    '--out-dir', str(out)], capsys)
+    assert code == 2 and "'depth': 1" in err and "not {'depth': 2, 'patch_size': 8}" in err
+
+
+def test_own_model_without_forward_head_names_the_missing_method(tmp_path, capsys):
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    teacher.forward_features = teacher.forward  # forward_head is missing
+    code, _, err = run_main(TINY + ['--out-dir', str(tmp_path / 'r')], capsys, teacher=teacher)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert '--teacher Sequential has no forward_head: a teacher needs forward_features, forward_head' in err
+    assert 'teacher-res' not in err
+    code, _, err = run_main(TINY + ['--out-dir', str(tmp_path / 'r')], capsys, student=TinyNet(16))
+    assert code == 2 and 'the student head must output 20 classes' in err
