@@ -70,11 +70,11 @@ def distill_epoch(kd, epoch):
     a, log, gen = kd.args, [], plan_generator(kd, epoch, 2)
     b_l, b_u = global_batch(a.batch_size, len(kd.labeled_idx)), global_batch(a.mu * a.batch_size, len(kd.unlabeled_idx))
     steps = len(kd.unlabeled_idx) // b_u
-    plans = zip(epoch_plan(kd.labeled_idx, b_l, steps, gen, kd.pad), epoch_plan(kd.unlabeled_idx, b_u, steps, gen,
-                                                                                 kd.pad))
+    plans_l = epoch_plan(kd.labeled_idx, b_l, steps, gen, kd.pad)             # (steps, b_l, 4): D_L, cycled
+    plans_u = epoch_plan(kd.unlabeled_idx, b_u, steps, gen, kd.pad)           # (steps, b_u, 4): one pass over D_U
     weights = {'loss/feat_custom': a.w_custom, 'loss/feat_general': a.w_general, 'loss/sup': a.w_sup,
                'loss/entropy': a.w_ent}
-    for step, (plan_l, plan_u) in enumerate(progress(plans, 'stage 2', steps * (b_l + b_u), b_l + b_u)):
+    for step, (plan_l, plan_u) in enumerate(progress(zip(plans_l, plans_u), 'stage 2', steps * (b_l + b_u), b_l + b_u)):
         for group in kd.opt.param_groups:  # cosine decay over all stage-2 steps of the run, no warm-up
             group['lr'] = a.lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + step) / (a.epochs * steps)))
         plan_l = shard(plan_l)
@@ -394,9 +394,9 @@ def decode_folder(files, args):
         os.remove(path)
     if not os.path.exists(path):
         os.makedirs(args.cache_dir, exist_ok=True)
-        if nbytes > shutil.disk_usage(args.cache_dir).free:  # checked now: a full disk mid-decode kills the process
+        if nbytes > (free := shutil.disk_usage(args.cache_dir).free):  # now: a full disk mid-decode kills the process
             raise Abort(f'{n} images at {size} px need {nbytes / 1e9:.1f} GB in --cache-dir {args.cache_dir}; '
-                        f'{shutil.disk_usage(args.cache_dir).free / 1e9:.1f} GB are free')
+                        f'{free / 1e9:.1f} GB are free')
         tmp, bad = f'{path}.partial-{socket.gethostname()}-{os.getpid()}', []
         try:
             out = torch.from_file(tmp, shared=True, size=nbytes, dtype=torch.uint8).view(n, 3, size, size)
@@ -597,8 +597,8 @@ def build(kd, num_classes, teacher=None, student=None):
     kd.view_s = model_view(student, args.student_res, device, kd.bf16)
     if use_teacher:
         kd.teacher = teacher.eval().requires_grad_(False)                                    # frozen, always
-        kd.view_t, kd.feat_t = model_view(teacher, args.teacher_res, device, kd.bf16), compiled(partial(features,
-                                                                                                        teacher))
+        kd.view_t = model_view(teacher, args.teacher_res, device, kd.bf16)
+        kd.feat_t = compiled(partial(features, teacher))                                     # f_t = T(x)
     make_projectors(kd, num_classes)
     # Under torchrun, DDP averages gradients over the parameters that require grad when it is built.
     ddp = partial(nn.parallel.DistributedDataParallel, forward_sync_buffers=False) if RUN.world > 1 else (lambda m: m)
