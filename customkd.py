@@ -1,33 +1,25 @@
 """CustomKD in one file: customize a frozen vision foundation model to an edge student, then distil.
 
-Paper: J. Lee, D. Das, M. Hayat, S. Choi, K. Hwang, F. Porikli, "CustomKD: Customizing Large Vision
-Foundation for Edge Model Improvement via Knowledge Distillation", CVPR 2025, arXiv:2503.18244.
+Paper: J. Lee, D. Das, M. Hayat, S. Choi, K. Hwang, F. Porikli, "CustomKD: Customizing Large Vision Foundation for
+Edge Model Improvement via Knowledge Distillation", CVPR 2025, arXiv:2503.18244.
 
-How to read this file. Section 1 is all of CustomKD, top-down as in the paper's Fig. 2; a first read can stop at its
-end. Lines that *are* the method are tagged `# [CustomKD]`.
-  run()              the epoch loop: stage 1, then stage 2, every epoch
-  customize_epoch()  stage 1: teacher T and the student's head h frozen, train only P_c with CE(h(P_c(T(x))), y)
-  distill_epoch()    stage 2: T and P_c frozen, train the student S, h and P_g with the four terms of distill_step():
-                     w_custom*MSE(S(x), P_c(T(x))) + w_general*MSE(P_g(S(x)), T(x)) + w_sup*CE + w_ent*entropy
-  loss_*()           the five losses, each a small pure function;  evaluate(): accuracies and CKA
-  make_projectors()  where P_c and P_g are made
-Sections 2-6 are reference material: command line, data, models, several processes (torchrun), bookkeeping.
+How to read it: section 1 is all of CustomKD, top-down as in the paper's Fig. 2 (run, the two stages, the losses,
+evaluation, the projectors), and reads alone; the lines that *are* the method are tagged `# [CustomKD]`. Section 2
+declares everything a run holds; sections 3-7 (command line, data, models, processes, bookkeeping) are reference.
 
-Commands
   pip install -r requirements.txt
   python customkd.py --dataset cifar100 --labels 10pct              # the main job (GPU + internet)
   torchrun --nproc_per_node=8 customkd.py --dataset cifar100        # the same run on 8 GPUs (DDP)
-  python customkd.py --dataset synthetic                            # offline CPU demo, under a minute
+  python customkd.py --dataset synthetic                            # the offline CPU demo
   HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py             # the tests (CPU, no network)
 
-Measured (2-core Intel Xeon with AVX-512/AMX, no GPU; torch 2.14.1, torchvision 0.29.1, timm 1.0.31, Python 3.11.7;
-seeds 0-4, one run at a time): the demo's student ends at last-epoch accuracy 0.697 +- 0.129 with CustomKD, against
-0.601 +- 0.173 with L_ft only and 0.632 +- 0.153 with no teacher (chance 0.05), 46.9 +- 1.4 s wall per run. Other
-CPUs give other digits. CIFAR-100 and GPU results: not yet measured.
+MEASURED
 """
-import argparse, errno, hashlib, io, json, math, os, resource, shlex, shutil, signal, socket, sys, time  # noqa: E401
+import argparse, difflib, errno, hashlib, io, json, math, os, resource, shutil, signal, socket, sys, time  # noqa: E401
+from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
+from typing import Callable
 
 import timm, torch, torchvision  # noqa: E401
 import torch.distributed as dist
@@ -39,7 +31,7 @@ from PIL import Image
 # ================================================================ 1. the method: all of CustomKD (paper Sec. 3, Fig. 2)
 def run(args, teacher=None, student=None):
     """The paper's loop: every epoch customizes the teacher to the student (stage 1), then distils it (stage 2)."""
-    kd = setup(args, teacher, student)  # models, projectors, data, optimizers, run folder: section 6
+    kd = setup(args, teacher, student)  # models, projectors, data, optimizers, run folder: section 7
     for epoch in range(kd.start, args.epochs):
         row = {**dict.fromkeys(METRIC_KEYS), 'epoch': epoch + 1}
         if kd.proj_custom is not None and epoch % args.custom_every == 0:      # [CustomKD] alternate 1:1 (paper)
@@ -53,14 +45,15 @@ def customize_epoch(kd, epoch):
     """[CustomKD] Stage 1, feature customization: one pass over D_L that trains only P_c, through the frozen h."""
     set_stage(kd, 1)
     b, log = global_batch(kd.args.batch_size, len(kd.labeled_idx)), []
-    plan = epoch_plan(kd.labeled_idx, b, len(kd.labeled_idx) // b, plan_generator(kd, epoch, 1), kd.pad)
+    steps = max(len(kd.labeled_idx) // b, kd.args.custom_steps)              # one pass over D_L, or --custom-steps
+    plan = epoch_plan(kd.labeled_idx, b, steps, plan_generator(kd, epoch, 1), kd.pad)  # rows: id, crop dy, dx, flip
     for p in progress(plan, 'stage 1', len(plan) * b, b):
         p = shard(p)                                                           # this process's share of the batch
         f_t = teacher_features(kd, p)                                          # (B, d_t), T frozen
         with kd.amp():
-            logits = kd.customizer(f_t)                                        # [CustomKD] (B, C) = h(P_c(f_t))
+            logits = kd.customizer(f_t)  # [CustomKD] (B, C) = h(P_c(f_t)): customizer is P_c, then the frozen head h
         loss = loss_customize(logits, fetch(kd.y_pool, p[:, 0], kd.device))   # [CustomKD] L_cust
-        take_step(kd.opt_custom, loss)
+        take_step(kd.opt_custom, loss)                                         # opt_custom holds P_c's weights alone
         log.append({'loss/customize': loss.detach()})
     return epoch_means(kd, epoch, log), len(plan) * b
 
@@ -84,7 +77,7 @@ def distill_epoch(kd, epoch):
         terms = distill_step(kd, x, fetch(kd.y_pool, plan_l[:, 0], kd.device), f_t)
         take_step(kd.opt, sum(weights[k] * v for k, v in terms.items()))       # [CustomKD] the weighted sum
         log.append({k: v.detach() for k, v in terms.items()})
-    average_buffers(kd.student)  # several processes: BatchNorm statistics (section 5)
+    average_buffers(kd.student)  # several processes: BatchNorm statistics (section 6)
     return epoch_means(kd, epoch, log), steps * (b_l + b_u)
 
 def distill_step(kd, x, y_l, f_t):
@@ -97,6 +90,8 @@ def distill_step(kd, x, y_l, f_t):
         if kd.proj_custom is not None:
             with torch.no_grad():
                 f_t_custom = kd.proj_custom(f_t)                              # (B, d_s): f~_t, P_c frozen
+                if kd.args.custom_scale == 'match':  # variant: f~_t rescaled to f_s's root-mean-square
+                    f_t_custom = f_t_custom * rms(f_s) / rms(f_t_custom)
             terms['loss/feat_custom'] = loss_feat_custom(f_s, f_t_custom)     # [CustomKD] L_f~t
         if f_s_projected is not None:
             terms['loss/feat_general'] = loss_feat_general(f_s_projected, f_t)  # [CustomKD] L_ft
@@ -130,15 +125,21 @@ def evaluate(kd):
     with kd.amp():
         f_s = sharded_rows(len(kd.x_test), kd.batch_eval, lambda i, j: kd.student_side(kd.view_s(
             kd.x_test[i:j].to(kd.device).float()))[0].float(), kd.device, kd.device, 'evaluation')  # (N, d_s)
-    out = {'acc/student': (kd.head(f_s).argmax(-1) == kd.y_test).float().mean().item()}
-    others = {} if kd.teacher is None else {'cka/student_vs_teacher': kd.cache_test.float().to(kd.device)}  # f_t
+    out = {'acc/student': (kd.head(f_s).argmax(-1) == kd.y_test).float().mean().item(), 'rms/f_s': rms(f_s).item()}
+    feats = {'f_s': f_s, 'y': kd.y_test} | ({} if kd.teacher is None else {'f_t': kd.cache_test.float().to(kd.device)})
     if kd.proj_custom is not None:
-        others['cka/student_vs_custom'] = f_t_custom = kd.proj_custom(others['cka/student_vs_teacher'])
+        feats['f_t_custom'] = f_t_custom = kd.proj_custom(feats['f_t'])                      # (N, d_s)
         out['acc/teacher_custom'] = (kd.head_c(f_t_custom).argmax(-1) == kd.y_test).float().mean().item()
+        out['rms/f_t_custom'] = rms(f_t_custom).item()
+    kd.sample = {k: v[kd.cka_idx.to(kd.device)].cpu() for k, v in feats.items()}  # the end's goes to features.pt
     if len(kd.cka_idx) > 1:
-        idx = kd.cka_idx.to(kd.device)
-        out.update({key: linear_cka(f_s[idx], f[idx]) for key, f in others.items()})
+        out.update({f'cka/student_vs_{n}': linear_cka(kd.sample['f_s'], kd.sample[k])
+                    for k, n in (('f_t_custom', 'custom'), ('f_t', 'teacher')) if k in feats})
     return out, len(kd.x_test)
+
+def rms(x):
+    """Root-mean-square of all entries: the scale of a feature (detached)."""
+    return x.detach().float().pow(2).mean().sqrt()
 
 def linear_cka(x, y):
     """Linear CKA (Kornblith et al. 2019): ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), centred; x (n, p), y (n, q)."""
@@ -171,29 +172,68 @@ def take_step(opt, loss):
     loss.backward()
     opt.step()
 
-# ================================================================ 2. command line
+# ================================================================ 2. the run's state
+@dataclass(eq=False)
+class Run:
+    """Everything one run holds (`kd` in every function), each field once; setup() and build() fill it in."""
+    args: argparse.Namespace                      # the checked flags (section 3)
+    device: torch.device = None                   # cpu, or cuda:LOCAL_RANK
+    bf16: bool = False                            # bf16 autocast (--precision); channels_last follows it
+    # models (section 5): T frozen; S with its linear head h = S.get_classifier(); the projectors (section 1)
+    teacher: nn.Module = None                     # T; None when both feature weights are 0
+    student: nn.Module = None                     # S, with h
+    d_t: int = 0                                  # width of f_t, from a dummy forward
+    d_s: int = 0                                  # width of f_s
+    proj_custom: nn.Module = None                 # P_c: d_t -> d_s (then S's last activation); None if w_custom = 0
+    proj_general: nn.Module = None                # P_g: d_s -> d_t; None if w_general = 0
+    head_c: nn.Module = None                      # the head stage 1 reads P_c(f_t) through: h, or a random frozen one
+    customizer: nn.Module = None                  # stage 1's forward f_t -> head_c(P_c(f_t)) (DDP under torchrun)
+    student_side: nn.Module = None                # stage 2's forward x -> f_s, h(f_s), P_g(f_s) (StudentSide)
+    feat_t: Callable = None                       # x -> f_t (compiled with --compile)
+    view_t: Callable = None                       # images in [0, 255] -> T's input: its size, its mean and std
+    view_s: Callable = None                       # the same for S
+    opt: torch.optim.Optimizer = None             # stage 2: SGD over S (with h) and P_g
+    opt_custom: torch.optim.Optimizer = None      # stage 1: Adam over P_c alone
+    # data (section 4): uint8 (N, 3, H, W) images, on the device when they fit
+    x_pool: torch.Tensor = None                   # training images: the labeled candidates, then --unlabeled-dir's
+    y_pool: torch.Tensor = None                   # their labels (-1: never read)
+    labeled_idx: torch.Tensor = None              # D_L, rows of x_pool
+    unlabeled_idx: torch.Tensor = None            # D_U, rows of x_pool
+    x_test: torch.Tensor = None                   # test images
+    y_test: torch.Tensor = None                   # their labels
+    cka_idx: torch.Tensor = None                  # test rows of CKA and of features.pt
+    cache_test: torch.Tensor = None               # f_t of every test image, computed once (N_test, d_t)
+    cache_train: torch.Tensor = None              # --teacher-cache: f_t of each training image and its flip (2N, d_t)
+    # progress (section 7; a checkpoint restores start, history and t_start)
+    start: int = 0                                # the first epoch to run
+    history: list = field(default_factory=list)   # one metrics row per epoch run so far
+    t_start: float = field(default_factory=time.time)  # start of the run, earlier sessions' wall time included
+    time_cache: float = 0.0                       # seconds spent on the teacher features
+    sample: dict = field(default_factory=dict)    # the last evaluation's f_s, f_t, f_t_custom, y on the CKA rows
+    def amp(self):  # bf16 autocast, or nothing
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+    head = property(lambda self: self.student.get_classifier())                      # h
+    pad = property(lambda self: self.x_pool.shape[-1] // 8)                          # crop padding: 1/8 of the side
+    batch_eval = property(lambda self: self.args.batch_size * (1 + self.args.mu))    # images per evaluation batch
+
+# ================================================================ 3. command line
 COMMON = dict(teacher='vit_large_patch14_dinov2.lvd142m', student='mobilenetv3_large_100.ra_in1k', teacher_kwargs={},
               student_kwargs={}, teacher_res=224, student_res=224, pretrained=True, epochs=30, lr=0.01, lr_custom=1e-3,
               batch_size=64, mu=7, labels='10pct', image_size=224, synthetic_size=None, demo_teacher_steps=0)
 PRESETS = {'synthetic': dict(teacher='vit_tiny_patch16_224', teacher_kwargs={'depth': 4, 'patch_size': 16},
                              student='mobilenetv3_small_050', teacher_res=32, student_res=32, pretrained=False,
-                             epochs=8, lr=0.02, lr_custom=0.01, batch_size=16, mu=3, labels='40', image_size=32,
-                             synthetic_size=1200, demo_teacher_steps=240)}
-DEMO_CLASSES, DEMO_TEACHER_CLASSES, DEMO_TEACHER_IMAGES = 20, 100, 4000  # the demo's generated classes (section 3)
+                             epochs=8, lr=0.02, lr_custom=0.01, batch_size=16, mu=3, labels='240', image_size=32,
+                             synthetic_size=1600, demo_teacher_steps=240)}
+DEMO_CLASSES, DEMO_TEACHER_CLASSES, DEMO_TEACHER_IMAGES = 40, 100, 4000  # the demo's generated classes (section 3)
+PARTS = ('student', 'proj_custom', 'proj_general', 'head_c', 'opt', 'opt_custom')  # a checkpoint's state dicts
 IDENTITY = ('dataset', 'labels', 'labeled_list', 'split_seed', 'teacher', 'student', 'teacher_kwargs',
             'student_kwargs', 'train_dir', 'unlabeled_dir', 'synthetic_size', 'image_size', 'demo_teacher_steps')
 METRIC_KEYS = ('epoch', 'loss/customize', 'loss/feat_custom', 'loss/feat_general', 'loss/sup', 'loss/entropy',
-               'acc/student', 'acc/teacher_custom', 'cka/student_vs_custom', 'cka/student_vs_teacher',
-               'time/customize_s', 'time/distill_s', 'time/eval_s', 'throughput/customize_img_s',
+               'acc/student', 'acc/teacher_custom', 'cka/student_vs_custom', 'cka/student_vs_teacher', 'rms/f_s',
+               'rms/f_t_custom', 'time/customize_s', 'time/distill_s', 'time/eval_s', 'throughput/customize_img_s',
                'throughput/distill_img_s', 'throughput/eval_img_s', 'mem/peak_mb')
 SET_HERE = {'num_classes': 'the dataset', 'img_size': '--teacher-res/--student-res', 'pretrained': '--pretrained',
             'pretrained_cfg_overlay': '--teacher-weights/--student-weights'}  # timm arguments this file sets itself
-COLUMNS = (('L_cust {}', 'loss/customize', '6.3f'), ('| L_f~t {}', 'loss/feat_custom', '7.4f'),
-           ('L_ft {}', 'loss/feat_general', '7.4f'), ('L_L {}', 'loss/sup', '6.3f'), ('L_U {}', 'loss/entropy', '6.3f'),
-           ('| acc {}', 'acc/student', '.4f'), ('teacher_custom {}', 'acc/teacher_custom', '.4f'),
-           ('| cka f~t {}', 'cka/student_vs_custom', '.3f'), ('f_t {}', 'cka/student_vs_teacher', '.3f'),
-           ('| {}s', 'time/distill_s', '6.1f'), ('{} img/s', 'throughput/distill_img_s', '6.0f'),
-           ('{} MB', 'mem/peak_mb', '6.0f'))  # the console line: (label, metrics key, format)
 RUN = SimpleNamespace(rank=0, world=1, phase='setup')  # this process under torchrun; the phase errors are named by
 
 class Abort(ValueError):
@@ -216,14 +256,9 @@ def num(kind, lo, hi, open_lo=False):
         return v
     return parse
 
-def as_flags(settings):
-    """{'teacher_res': 32, 'pretrained': False} -> '--teacher-res 32 --no-pretrained'"""
-    return ' '.join(f"--{'' if v else 'no-'}pretrained" if k == 'pretrained' else f"--{k.replace('_', '-')} "
-                    f"{shlex.quote(json.dumps(v) if isinstance(v, dict) else str(v))}" for k, v in settings.items())
-
 def build_parser():
     p = argparse.ArgumentParser(description='CustomKD: customize a frozen foundation teacher to a student, then distil',
-                                epilog=f"--dataset synthetic (the offline demo) sets {as_flags(PRESETS['synthetic'])}")
+                                epilog=f"--dataset synthetic (the offline demo) sets {PRESETS['synthetic']}")
     p.error = fail  # one line, exit 2, instead of argparse's usage dump
     count, seed, side = num(int, 1, 10**6), num(int, 0, 2**31 - 1), num(int, 8, 1024)
     weight, rate = num(float, 0, 1000), num(float, 0, 10, open_lo=True)
@@ -238,7 +273,8 @@ def build_parser():
     add('--cache-dir', help='where folders are decoded once to uint8 arrays (default DATA_DIR/decoded)')
     add('--workers', type=num(int, 1, 1024), help='processes that decode a folder (default: all cores)')
     add('--image-size', type=side, help='side of stored synthetic/folder images (default 224)')
-    add('--synthetic-size', type=num(int, 10, 10**6), help='synthetic: training images (+25%% test; default 1200)')
+    add('--synthetic-size', type=num(int, 10, 10**6), help='synthetic: training images, and as many test ones up to '
+        '1000 (default 1600)')
     add('--labels', help="labeled set: '10pct' of each class, '400' in all, or 'all' (default 10pct)")
     add('--split-seed', type=seed, default=0, help='seed of the labeled split (default 0)')
     add = p.add_argument_group('models (any timm name; the demo settings are below)').add_argument
@@ -260,6 +296,10 @@ def build_parser():
     add('--w-ent', type=weight, default=1.0, help='weight of entropy minimisation on unlabeled images (default 1)')
     add('--custom-every', type=count, default=1, help="stage 1 every N epochs (default 1: the paper's best)")
     add('--custom-head', default='student', choices=['student', 'random'], help="head reading P_c(f_t) in stage 1")
+    add('--custom-steps', type=num(int, 0, 10**6), default=0, help='stage-1 steps an epoch (default 0: one pass over D_L)')
+    add('--wd-custom', type=num(float, 0, 10), default=0.0, help='decoupled weight decay of P_c (default 0: Adam)')
+    add('--custom-scale', default='free', choices=['free', 'match'], help="L_f~t's target: as P_c makes it (free), "
+        "or rescaled to the root-mean-square of f_s (match)")
     add = p.add_argument_group('optimisation (--batch-size and --mu are global, at any process count)').add_argument
     add('--epochs', type=count, help='epochs, each = stage 1 + stage 2 (default 30)')
     add('--batch-size', type=count, help='labeled images per step (default 64)')
@@ -284,7 +324,10 @@ def build_parser():
 def parse_args(argv=None):
     """Every flag checked before any work: numbers by the parser, here paths and combinations."""
     p = build_parser()
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # a misspelled flag gets the nearest real one
+        near = difflib.get_close_matches(unknown[0].split('=')[0].replace('_', '-'), p._option_string_actions, 1)
+        p.error(f"unrecognized argument {unknown[0]!r}{f'; did you mean {near[0]}?' if near else ''}")
     defaults = {**COMMON, **PRESETS.get(args.dataset, {})}
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     flag = lambda k: '--' + k.replace('_', '-')  # noqa: E731
@@ -324,7 +367,7 @@ def parse_args(argv=None):
 def offline():
     return os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
 
-# ================================================================ 3. data
+# ================================================================ 4. data
 def make_synthetic(y, size, num_classes, seed=0):
     """Images of classes y: per class a smooth colour pattern; images are shifted, jittered, noisy copies of it."""
     g = torch.Generator().manual_seed(seed)
@@ -398,14 +441,17 @@ def decode_folder(files, args):
             raise Abort(f'{n} images at {size} px need {nbytes / 1e9:.1f} GB in --cache-dir {args.cache_dir}; '
                         f'{free / 1e9:.1f} GB are free')
         tmp, bad = f'{path}.partial-{socket.gethostname()}-{os.getpid()}', []
+        say(f'customkd: decoding {n} images to {size} px, once, into {path}')
         try:
             out = torch.from_file(tmp, shared=True, size=nbytes, dtype=torch.uint8).view(n, 3, size, size)
             loader = torch.utils.data.DataLoader(files, 256, num_workers=args.workers or len(os.sched_getaffinity(0)),
                                                  collate_fn=partial(decode, size))
             for i, (x, unreadable) in enumerate(progress(loader, f'decoding {os.path.basename(path)}', n, 256)):
                 out[i * 256:i * 256 + len(x)], bad = x, bad + unreadable
-            if bad:
-                raise Abort(f'{len(bad)} image file(s) cannot be read, e.g. {bad[0]}; remove or replace them')
+            if bad:  # every one named: in the message when few, else in a file
+                save_atomic(''.join(f'{b}\n' for b in bad), listed := os.path.join(args.cache_dir, 'unreadable.txt'))
+                raise Abort(f"{len(bad)} image file(s) cannot be read: {', '.join(bad[:3])}{', ...' * (len(bad) > 3)} "
+                            f"(all {len(bad)} listed in {listed}); remove or replace them")
             with open(tmp, 'rb+') as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -417,7 +463,7 @@ def decode_folder(files, args):
 def load_data(args):
     """-> uint8 (N, 3, H, W) images and labels (folders: checked file lists, decoded once the models are built)."""
     if args.dataset == 'synthetic':  # + images of other classes for the demo teacher, never seen by the student
-        n, n_test, c = args.synthetic_size, args.synthetic_size // 4, DEMO_CLASSES
+        n, n_test, c = args.synthetic_size, min(args.synthetic_size, 1000), DEMO_CLASSES
         y = torch.cat([torch.arange(n + n_test) % c, c + torch.arange(DEMO_TEACHER_IMAGES) % DEMO_TEACHER_CLASSES])
         x = make_synthetic(y, args.image_size, c + DEMO_TEACHER_CLASSES)
         return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:n + n_test], test_y=y[n:n + n_test], n_labeled_pool=n,
@@ -480,7 +526,8 @@ def read_labeled_list(path, names):
 
 def plan_generator(kd, epoch, stage):
     """Each stage's data plan hangs on (seed, epoch, stage) alone: resuming needs no generator state."""
-    return torch.Generator().manual_seed((kd.args.seed << 32) + 2 * epoch + stage)
+    key = hashlib.sha256(f'{kd.args.seed}/{epoch}/{stage}'.encode()).digest()  # torch seeds keep 32 bits only
+    return torch.Generator().manual_seed(int.from_bytes(key[:4], 'little'))
 
 def epoch_plan(idx, batch, steps, gen, pad):
     """(steps, batch, 4) long: id, crop offsets (0..2*pad), flip; from `gen` alone, whatever the device or processes."""
@@ -522,7 +569,7 @@ def fits(nbytes, device):
     """Whether nbytes fit in 40 % of a GPU's free memory. On a CPU, data stay where they are (mapped files too)."""
     return device.type == 'cuda' and nbytes <= 0.4 * torch.cuda.mem_get_info(device)[0]
 
-# ================================================================ 4. models
+# ================================================================ 5. models
 def create_model(name, num_classes, res, pretrained, weights, kwargs, role):
     """A timm model (pretrained from the hub or a file, or random; ViTs built for `res`); failures name the flag."""
     if not timm.is_model(name):
@@ -569,14 +616,15 @@ class StudentSide(nn.Module):
 def build(kd, num_classes, teacher=None, student=None):
     """Models (the teacher if a feature loss needs it), projectors, views and the DDP-wrapped, compiled forwards."""
     args, device, use_teacher = kd.args, kd.device, kd.args.w_custom > 0 or kd.args.w_general > 0
-    if student is None:
-        student = create_model(args.student, num_classes, args.student_res, args.pretrained, args.student_weights,
-                               args.student_kwargs, 'student')
-    if use_teacher and teacher is None:
-        teacher = create_model(args.teacher, 0, args.teacher_res, args.pretrained, args.teacher_weights,
-                               args.teacher_kwargs, 'teacher')
+    with torch.random.fork_rng(devices=[]):  # the demo's models are one fixed pair, as downloaded weights would be
+        torch.manual_seed(0 if args.demo_teacher_steps else args.seed)
+        if student is None:
+            student = create_model(args.student, num_classes, args.student_res, args.pretrained, args.student_weights,
+                                   args.student_kwargs, 'student')
+        if use_teacher and teacher is None:
+            teacher = create_model(args.teacher, 0, args.teacher_res, args.pretrained, args.teacher_weights,
+                                   args.teacher_kwargs, 'teacher')
     kd.bf16 = args.precision == 'bf16' or (args.precision == 'auto' and device.type == 'cuda')
-    kd.amp = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=kd.bf16)
     fmt = dict(memory_format=torch.channels_last) if kd.bf16 else {}  # channels_last follows the precision switch
     for role, model in (('student', student), ('teacher', teacher))[:1 + use_teacher]:
         need = ('forward_features', 'forward_head', 'get_classifier')[:3 if role == 'student' else 2]
@@ -590,7 +638,7 @@ def build(kd, num_classes, teacher=None, student=None):
                 setattr(kd, f'd_{role[0]}', features(model.to(device, **fmt).eval(), x).shape[1])    # d_s, d_t
         except Exception as e:
             raise Abort(f"--{role} cannot take --{role}-res {res}: {(str(e).splitlines() or [''])[0]}") from None
-    kd.student, kd.head = student, student.get_classifier()
+    kd.student = student
     if kd.head(torch.zeros(1, kd.d_s, device=device)).shape[-1] != num_classes:
         raise Abort(f'the student head must output {num_classes} classes')
     compiled = torch.compile if args.compile else (lambda f: f)
@@ -600,20 +648,20 @@ def build(kd, num_classes, teacher=None, student=None):
         kd.view_t = model_view(teacher, args.teacher_res, device, kd.bf16)
         kd.feat_t = compiled(partial(features, teacher))                                     # f_t = T(x)
     make_projectors(kd, num_classes)
-    # Under torchrun, DDP averages gradients over the parameters that require grad when it is built.
     ddp = partial(nn.parallel.DistributedDataParallel, forward_sync_buffers=False) if RUN.world > 1 else (lambda m: m)
     if kd.proj_custom is not None:
-        set_stage(kd, 1)
+        set_stage(kd, 1)  # DDP averages the gradients of what requires grad when it is built
         kd.customizer = ddp(nn.Sequential(kd.proj_custom, kd.head_c))                        # f_t -> h(P_c(f_t))
     set_stage(kd, 2)
     kd.student_side = compiled(ddp(StudentSide(student, kd.proj_general)))
 
-def pretrain_demo_models(kd, x, y, steps, seed, own=()):
-    """Demo only, as a foundation model and an ImageNet student: both first learn classes that are not the student's
-    task, through a temporary linear head (Adam, lr 1e-3, batches of 64); the teacher for `steps`, the student half.
-    Modules in `own` (yours, passed to main) are used as given."""
-    RUN.phase, models = 'model', [(kd.teacher, kd.view_t, kd.d_t, steps, seed)] if kd.teacher is not None else []
-    for model, view, d, n, s in models + [(kd.student, kd.view_s, kd.d_s, steps // 2, seed + 1)]:
+def pretrain_demo_models(kd, x, y, steps, own=()):
+    """Demo only: the teacher (`steps`) and the student (half) first learn other classes through a temporary linear
+    head (Adam, lr 1e-3, batches of 64), as a foundation model and an ImageNet student; `own` modules stay as given."""
+    RUN.phase, models = 'model', [(kd.teacher, kd.view_t, kd.d_t, steps, 0)] if kd.teacher is not None else []
+    say(f'customkd: pre-training the demo models on {len(x)} images of other classes ({steps} teacher steps, '
+        f'{steps // 2} student steps; a fixed pair, whatever --seed)')
+    for model, view, d, n, s in models + [(kd.student, kd.view_s, kd.d_s, steps // 2, 1)]:
         if any(model is m for m in own):
             continue
         with torch.random.fork_rng(devices=[]):  # the same demo models whichever projectors were built before
@@ -639,6 +687,8 @@ def teacher_features(kd, plan=None, x=None):
 def build_teacher_cache(kd, with_train):
     """Teacher features, once, over the processes: test images; with --teacher-cache training images and flips."""
     dtype, t = torch.bfloat16 if kd.bf16 else torch.float32, clock(kd.device)
+    say(f'customkd: teacher features of {len(kd.x_test)} test images' + f' and 2 x {len(kd.x_pool)} training views'
+        * with_train)
     def rows(x, views, i, j):  # -> (j - i, views, d_t)
         v = x[i:j].to(kd.device).float()
         return torch.stack([teacher_features(kd, x=v.flip(-1) if flip else v) for flip in range(views)], 1).to(dtype)
@@ -648,7 +698,7 @@ def build_teacher_cache(kd, with_train):
         setattr(kd, name, out.flatten(0, 1))                                  # (N_test, d_t) and (2 N, d_t)
     kd.time_cache = clock(kd.device) - t
 
-# ================================================================ 5. several processes (torchrun)
+# ================================================================ 6. several processes (torchrun)
 def init_process(args):
     """torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: one process per GPU (NCCL) or per CPU share (gloo). -> device"""
     RUN.world, RUN.rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
@@ -696,17 +746,14 @@ def sharded_rows(n, batch, fn, device, out_device, what):
     dist.all_gather(parts, torch.cat([local, local.new_zeros(m - len(local), *local.shape[1:])]).to(device))
     return torch.cat([part.to(out_device) for part in parts])[:n]
 
-# ================================================================ 6. bookkeeping: set-up, logs, checkpoints, errors
+# ================================================================ 7. bookkeeping: set-up, logs, checkpoints, errors
 def setup(args, teacher=None, student=None):
     """Everything before the first epoch: processes, data, models, projectors, split, optimizers, run folder, cache."""
-    kd = SimpleNamespace(args=args, t_start=time.time(), start=0, history=[], wall=0.0, teacher=None, head_c=None,
-                         proj_custom=None, proj_general=None, cache_train=None, cache_test=None, time_cache=0.0)
-    kd.device = device = init_process(args)
+    kd = Run(args, device=(device := init_process(args)))
     if teacher is not None or student is not None:  # your own modules: recorded by class name
         args.teacher, args.student = (type(m).__name__ if m is not None else n
                                       for m, n in ((teacher, args.teacher), (student, args.student)))
-    kd.identity, kd.ckpt_path = {k: getattr(args, k) for k in IDENTITY}, os.path.join(args.out_dir, 'checkpoint.pt')
-    ckpt = load_checkpoint(kd.ckpt_path, kd.identity) if args.resume else None
+    ckpt = load_checkpoint(args) if args.resume else None
     if RUN.rank == 0 and not args.resume and os.path.isdir(args.out_dir) and os.listdir(args.out_dir) \
             and not args.overwrite:
         raise Abort(f'run directory {args.out_dir} exists: add --resume to continue it, --overwrite to replace it, '
@@ -729,32 +776,29 @@ def setup(args, teacher=None, student=None):
     if ckpt is not None and not torch.equal(ckpt['labeled_idx'], kd.labeled_idx):
         raise Abort("--resume: the labeled split differs from the checkpoint's (different data?)")
     kd.x_pool, kd.x_test = (x.to(device) if fits(x.numel(), device) else x for x in (data['train_x'], data['test_x']))
-    kd.y_pool, kd.y_test, kd.pad = data['train_y'].to(device), data['test_y'].to(device), kd.x_pool.shape[-1] // 8
+    kd.y_pool, kd.y_test = data['train_y'].to(device), data['test_y'].to(device)
     if args.demo_teacher_steps:
-        pretrain_demo_models(kd, data['teacher_x'], data['teacher_y'], args.demo_teacher_steps, args.seed,
-                             own=(teacher, student))
+        pretrain_demo_models(kd, data['teacher_x'], data['teacher_y'], args.demo_teacher_steps, (teacher, student))
     params = list(kd.student.parameters()) + (list(kd.proj_general.parameters()) if kd.proj_general else [])
     kd.opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
-    kd.opt_custom = torch.optim.Adam(kd.proj_custom.parameters(), lr=args.lr_custom) if kd.proj_custom else None
-    kd.parts = dict(student=kd.student, proj_custom=kd.proj_custom, proj_general=kd.proj_general, head_c=kd.head_c,
-                    opt=kd.opt, opt_custom=kd.opt_custom)  # what a checkpoint holds besides counters and RNG states
+    kd.opt_custom = torch.optim.AdamW(kd.proj_custom.parameters(), lr=args.lr_custom, weight_decay=args.wd_custom) \
+        if kd.proj_custom else None  # weight_decay 0: exactly Adam
     if ckpt is not None:
-        for key, part in kd.parts.items():
-            if part is not None:
-                part.load_state_dict(ckpt[key])
-        kd.start, kd.history, kd.wall = ckpt['epoch'], ckpt['history'], ckpt['wall_time_s']
+        for key in (k for k in PARTS if getattr(kd, k) is not None):
+            getattr(kd, key).load_state_dict(ckpt[key])
+        kd.start, kd.history, kd.t_start = ckpt['epoch'], ckpt['history'], kd.t_start - ckpt['wall_time_s']
         torch.set_rng_state(ckpt['rng_cpu'])
         if device.type == 'cuda' and ckpt['rng_cuda']:
             torch.cuda.set_rng_state_all(ckpt['rng_cuda'])
-    RUN.phase, kd.metrics_path = 'saving', os.path.join(args.out_dir, 'metrics.jsonl')
+    RUN.phase = 'saving'
     if RUN.rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
-        save_atomic(json.dumps(vars(args), indent=2) + '\n', os.path.join(args.out_dir, 'args.json'))
-        save_atomic(''.join(json.dumps(row) + '\n' for row in kd.history), kd.metrics_path)  # the checkpoint's rows
-        for name in ('summary.json',) if args.resume else ('summary.json', 'checkpoint.pt', 'student.pt'):
-            if os.path.exists(os.path.join(args.out_dir, name)):  # --overwrite: nothing of the old run survives
-                os.remove(os.path.join(args.out_dir, name))
-    RUN.phase, kd.batch_eval = 'teacher cache', args.batch_size * (1 + args.mu)
+        save_atomic(json.dumps(vars(args), indent=2) + '\n', out_file(args, 'args.json'))
+        save_atomic(''.join(json.dumps(row) + '\n' for row in kd.history), out_file(args, 'metrics.jsonl'))
+        for name in ('summary.json', 'features.pt') + (() if args.resume else ('checkpoint.pt', 'student.pt')):
+            if os.path.exists(out_file(args, name)):  # --overwrite: nothing of the old run survives
+                os.remove(out_file(args, name))
+    RUN.phase = 'teacher cache'
     if kd.teacher is not None:  # test features always (the teacher is frozen); train features with --teacher-cache
         build_teacher_cache(kd, args.teacher_cache)
     kd.cka_idx = torch.randperm(len(kd.x_test), generator=torch.Generator().manual_seed(0))[:args.cka_samples]
@@ -791,13 +835,14 @@ def save_epoch(kd, row):
         row['mem/peak_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kd.history.append(row)
     if RUN.rank == 0:
-        save_atomic(dict(identity=kd.identity, epoch=row['epoch'], history=kd.history, labeled_idx=kd.labeled_idx,
-                         wall_time_s=kd.wall + time.time() - kd.t_start, rng_cpu=torch.get_rng_state(),
+        save_atomic(dict(identity=identity(kd.args), epoch=row['epoch'], history=kd.history, labeled_idx=kd.labeled_idx,
+                         wall_time_s=time.time() - kd.t_start, rng_cpu=torch.get_rng_state(),
                          rng_cuda=torch.cuda.get_rng_state_all() if kd.device.type == 'cuda' else [],
-                         **{k: p.state_dict() if p is not None else {} for k, p in kd.parts.items()}), kd.ckpt_path)
+                         **{k: getattr(kd, k).state_dict() if getattr(kd, k) is not None else {} for k in PARTS}),
+                    out_file(kd.args, 'checkpoint.pt'))
         save_atomic(dict(state_dict=kd.student.state_dict(), model=kd.args.student, num_classes=len(kd.head.weight)),
-                    os.path.join(kd.args.out_dir, 'student.pt'))
-        save_atomic(''.join(json.dumps(h) + '\n' for h in kd.history), kd.metrics_path)
+                    out_file(kd.args, 'student.pt'))
+        save_atomic(''.join(json.dumps(h) + '\n' for h in kd.history), out_file(kd.args, 'metrics.jsonl'))
     say(console_line(row, kd.args.epochs))
 
 def summarise(kd):
@@ -805,11 +850,12 @@ def summarise(kd):
     summary = dict(acc_student_last=h[-1]['acc/student'], acc_student_best=max(row['acc/student'] for row in h),
                    acc_teacher_custom_last=h[-1]['acc/teacher_custom'], epochs=len(h), num_labeled=len(kd.labeled_idx),
                    num_unlabeled=len(kd.unlabeled_idx), num_train_images=len(kd.x_pool), world_size=RUN.world,
-                   wall_time_s=kd.wall + time.time() - kd.t_start, **{'time/teacher_cache_s': kd.time_cache},
+                   wall_time_s=time.time() - kd.t_start, **{'time/teacher_cache_s': kd.time_cache},
                    **{k: sum(row[k] or 0 for row in h) for k in ('time/customize_s', 'time/distill_s', 'time/eval_s')},
                    **{'mem/peak_mb': max(row['mem/peak_mb'] for row in h)}, args=vars(kd.args))
     if RUN.rank == 0:
-        save_atomic(json.dumps(summary, indent=2) + '\n', os.path.join(kd.args.out_dir, 'summary.json'))
+        save_atomic(kd.sample, out_file(kd.args, 'features.pt'))  # f_s, f_t, f_t_custom, y: CKA's sample
+        save_atomic(json.dumps(summary, indent=2) + '\n', out_file(kd.args, 'summary.json'))
     say(f"customkd: last-epoch student accuracy {summary['acc_student_last']:.4f} (best epoch: "
         f"{summary['acc_student_best']:.4f}); wall {summary['wall_time_s']:.0f}s; outputs in {kd.args.out_dir}")
     return summary
@@ -835,8 +881,16 @@ def save_atomic(obj, path):
                         f'space, then rerun with --resume') from None
         raise
 
-def load_checkpoint(path, identity):
+def identity(args):
+    """What a run is (data, split, models): --resume refuses a checkpoint whose identity differs."""
+    return {k: getattr(args, k) for k in IDENTITY}
+
+def out_file(args, name):
+    return os.path.join(args.out_dir, name)
+
+def load_checkpoint(args):
     """Load with weights_only=True (never runs pickled code) and refuse a checkpoint of another run."""
+    path = out_file(args, 'checkpoint.pt')
     if not os.path.isfile(path):
         raise Abort(f'--resume: no checkpoint at {path}')
     try:
@@ -845,16 +899,21 @@ def load_checkpoint(path, identity):
     except Exception as e:
         raise Abort(f'--resume: {path} is not a readable CustomKD checkpoint (truncated, corrupt or foreign: '
                     f'{type(e).__name__}); delete it or choose another --out-dir') from None
-    for k, v in identity.items():
+    for k, v in identity(args).items():
         if ckpt['identity'].get(k) != v:
             raise Abort(f"--resume: {path} was written with --{k.replace('_', '-')} {ckpt['identity'].get(k)}, "
                         f'not {v}; use the original value or another --out-dir')
     return ckpt
 
 def console_line(row, epochs):
-    """One aligned line per epoch (COLUMNS): losses by their paper symbols, accuracies, CKA, stage-2 time and speed."""
-    cells = (format(row[k], f) if row[k] is not None else '-'.rjust(len(format(0.0, f))) for _, k, f in COLUMNS)
-    return f"epoch {row['epoch']:3d}/{epochs} | " + ' '.join(c[0].format(v) for c, v in zip(COLUMNS, cells))
+    """One aligned line per epoch: losses by their paper symbols, accuracies, CKA, stage-2 time and speed."""
+    v = lambda k, f: format(row[k], f) if row[k] is not None else '-'.rjust(len(format(0.0, f)))  # noqa: E731
+    return (f"epoch {row['epoch']:3d}/{epochs} | L_cust {v('loss/customize', '6.3f')} | L_f~t "
+            f"{v('loss/feat_custom', '7.4f')} L_ft {v('loss/feat_general', '7.4f')} L_L {v('loss/sup', '6.3f')} L_U "
+            f"{v('loss/entropy', '6.3f')} | acc {v('acc/student', '.4f')} teacher_custom "
+            f"{v('acc/teacher_custom', '.4f')} | cka f~t {v('cka/student_vs_custom', '.3f')} f_t "
+            f"{v('cka/student_vs_teacher', '.3f')} | {v('time/distill_s', '6.1f')}s "
+            f"{v('throughput/distill_img_s', '6.0f')} img/s {v('mem/peak_mb', '6.0f')} MB")
 
 def say(line):
     if RUN.rank == 0:
