@@ -3,17 +3,15 @@
 Paper: J. Lee, D. Das, M. Hayat, S. Choi, K. Hwang, F. Porikli, "CustomKD: Customizing Large Vision Foundation for
 Edge Model Improvement via Knowledge Distillation", CVPR 2025, arXiv:2503.18244.
 
-How to read it: section 1 is all of CustomKD, top-down as in the paper's Fig. 2 (run, the two stages, the losses,
-evaluation, the projectors), and reads alone; the lines that *are* the method are tagged `# [CustomKD]`. Section 2
-declares everything a run holds; sections 3-7 (command line, data, models, processes, bookkeeping) are reference.
-
-  pip install -r requirements.txt
-  python customkd.py --dataset cifar100 --labels 10pct              # the main job (GPU + internet)
-  torchrun --nproc_per_node=8 customkd.py --dataset cifar100        # the same run on 8 GPUs (DDP)
-  python customkd.py --dataset synthetic                            # the offline CPU demo
-  HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py             # the tests (CPU, no network)
-
-MEASURED
+Section 1 is all of CustomKD, top-down as in the paper's Fig. 2, and reads alone; the lines that *are* the method are
+tagged `# [CustomKD]`. Section 2 declares everything a run holds; sections 3-7 (command line, data, models, several
+processes, bookkeeping) are reference material.
+  python customkd.py --dataset cifar100 --labels 10pct     # the main job (GPU + internet)
+  python customkd.py --dataset synthetic                   # the offline CPU demo
+  HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py    # the tests (CPU, no network)
+MEASURED1
+MEASURED2
+MEASURED3
 """
 import argparse, difflib, errno, hashlib, io, json, math, os, resource, shutil, signal, socket, sys, time  # noqa: E401
 from dataclasses import dataclass, field
@@ -27,12 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
-
 # ================================================================ 1. the method: all of CustomKD (paper Sec. 3, Fig. 2)
 def run(args, teacher=None, student=None):
     """The paper's loop: every epoch customizes the teacher to the student (stage 1), then distils it (stage 2)."""
     kd = setup(args, teacher, student)  # models, projectors, data, optimizers, run folder: section 7
-    for epoch in range(kd.start, args.epochs):
+    for epoch in range(len(kd.history), args.epochs):  # from the checkpoint's epoch with --resume
         row = {**dict.fromkeys(METRIC_KEYS), 'epoch': epoch + 1}
         if kd.proj_custom is not None and epoch % args.custom_every == 0:      # [CustomKD] alternate 1:1 (paper)
             timed(kd, row, 'customize', customize_epoch, epoch)                # [CustomKD] stage 1
@@ -45,9 +42,8 @@ def customize_epoch(kd, epoch):
     """[CustomKD] Stage 1, feature customization: one pass over D_L that trains only P_c, through the frozen h."""
     set_stage(kd, 1)
     b, log = global_batch(kd.args.batch_size, len(kd.labeled_idx)), []
-    steps = max(len(kd.labeled_idx) // b, kd.args.custom_steps)              # one pass over D_L, or --custom-steps
-    plan = epoch_plan(kd.labeled_idx, b, steps, plan_generator(kd, epoch, 1), kd.pad)  # rows: id, crop dy, dx, flip
-    for p in progress(plan, 'stage 1', len(plan) * b, b):
+    plan = epoch_plan(kd.labeled_idx, b, len(kd.labeled_idx) // b, plan_generator(kd, epoch, 1), kd.pad)  # one pass
+    for p in progress(plan, 'stage 1', len(plan) * b, b):  # p: b rows of (image id, crop dy, crop dx, flip)
         p = shard(p)                                                           # this process's share of the batch
         f_t = teacher_features(kd, p)                                          # (B, d_t), T frozen
         with kd.amp():
@@ -90,8 +86,6 @@ def distill_step(kd, x, y_l, f_t):
         if kd.proj_custom is not None:
             with torch.no_grad():
                 f_t_custom = kd.proj_custom(f_t)                              # (B, d_s): f~_t, P_c frozen
-                if kd.args.custom_scale == 'match':  # variant: f~_t rescaled to f_s's root-mean-square
-                    f_t_custom = f_t_custom * rms(f_s) / rms(f_t_custom)
             terms['loss/feat_custom'] = loss_feat_custom(f_s, f_t_custom)     # [CustomKD] L_f~t
         if f_s_projected is not None:
             terms['loss/feat_general'] = loss_feat_general(f_s_projected, f_t)  # [CustomKD] L_ft
@@ -125,21 +119,18 @@ def evaluate(kd):
     with kd.amp():
         f_s = sharded_rows(len(kd.x_test), kd.batch_eval, lambda i, j: kd.student_side(kd.view_s(
             kd.x_test[i:j].to(kd.device).float()))[0].float(), kd.device, kd.device, 'evaluation')  # (N, d_s)
-    out = {'acc/student': (kd.head(f_s).argmax(-1) == kd.y_test).float().mean().item(), 'rms/f_s': rms(f_s).item()}
+    out = {'acc/student': (kd.head(f_s).argmax(-1) == kd.y_test).float().mean().item(),
+           'rms/f_s': f_s.pow(2).mean().sqrt().item()}                   # root-mean-square: the feature's scale
     feats = {'f_s': f_s, 'y': kd.y_test} | ({} if kd.teacher is None else {'f_t': kd.cache_test.float().to(kd.device)})
     if kd.proj_custom is not None:
         feats['f_t_custom'] = f_t_custom = kd.proj_custom(feats['f_t'])                      # (N, d_s)
         out['acc/teacher_custom'] = (kd.head_c(f_t_custom).argmax(-1) == kd.y_test).float().mean().item()
-        out['rms/f_t_custom'] = rms(f_t_custom).item()
+        out['rms/f_t_custom'] = f_t_custom.pow(2).mean().sqrt().item()                    # the target's scale
     kd.sample = {k: v[kd.cka_idx.to(kd.device)].cpu() for k, v in feats.items()}  # the end's goes to features.pt
     if len(kd.cka_idx) > 1:
         out.update({f'cka/student_vs_{n}': linear_cka(kd.sample['f_s'], kd.sample[k])
                     for k, n in (('f_t_custom', 'custom'), ('f_t', 'teacher')) if k in feats})
     return out, len(kd.x_test)
-
-def rms(x):
-    """Root-mean-square of all entries: the scale of a feature (detached)."""
-    return x.detach().float().pow(2).mean().sqrt()
 
 def linear_cka(x, y):
     """Linear CKA (Kornblith et al. 2019): ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), centred; x (n, p), y (n, q)."""
@@ -171,14 +162,12 @@ def take_step(opt, loss):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-
 # ================================================================ 2. the run's state
 @dataclass(eq=False)
 class Run:
     """Everything one run holds (`kd` in every function), each field once; setup() and build() fill it in."""
     args: argparse.Namespace                      # the checked flags (section 3)
     device: torch.device = None                   # cpu, or cuda:LOCAL_RANK
-    bf16: bool = False                            # bf16 autocast (--precision); channels_last follows it
     # models (section 5): T frozen; S with its linear head h = S.get_classifier(); the projectors (section 1)
     teacher: nn.Module = None                     # T; None when both feature weights are 0
     student: nn.Module = None                     # S, with h
@@ -201,11 +190,9 @@ class Run:
     unlabeled_idx: torch.Tensor = None            # D_U, rows of x_pool
     x_test: torch.Tensor = None                   # test images
     y_test: torch.Tensor = None                   # their labels
-    cka_idx: torch.Tensor = None                  # test rows of CKA and of features.pt
     cache_test: torch.Tensor = None               # f_t of every test image, computed once (N_test, d_t)
     cache_train: torch.Tensor = None              # --teacher-cache: f_t of each training image and its flip (2N, d_t)
-    # progress (section 7; a checkpoint restores start, history and t_start)
-    start: int = 0                                # the first epoch to run
+    # progress (section 7; a checkpoint restores history and t_start)
     history: list = field(default_factory=list)   # one metrics row per epoch run so far
     t_start: float = field(default_factory=time.time)  # start of the run, earlier sessions' wall time included
     time_cache: float = 0.0                       # seconds spent on the teacher features
@@ -215,7 +202,9 @@ class Run:
     head = property(lambda self: self.student.get_classifier())                      # h
     pad = property(lambda self: self.x_pool.shape[-1] // 8)                          # crop padding: 1/8 of the side
     batch_eval = property(lambda self: self.args.batch_size * (1 + self.args.mu))    # images per evaluation batch
-
+    bf16 = property(lambda self: self.args.precision in ('bf16', 'auto' if self.device.type == 'cuda' else 'bf16'))
+    cka_idx = property(lambda self: torch.randperm(len(self.x_test), generator=torch.Generator().manual_seed(0))[
+        :self.args.cka_samples])                                                     # test rows of CKA, features.pt
 # ================================================================ 3. command line
 COMMON = dict(teacher='vit_large_patch14_dinov2.lvd142m', student='mobilenetv3_large_100.ra_in1k', teacher_kwargs={},
               student_kwargs={}, teacher_res=224, student_res=224, pretrained=True, epochs=30, lr=0.01, lr_custom=1e-3,
@@ -232,8 +221,6 @@ METRIC_KEYS = ('epoch', 'loss/customize', 'loss/feat_custom', 'loss/feat_general
                'acc/student', 'acc/teacher_custom', 'cka/student_vs_custom', 'cka/student_vs_teacher', 'rms/f_s',
                'rms/f_t_custom', 'time/customize_s', 'time/distill_s', 'time/eval_s', 'throughput/customize_img_s',
                'throughput/distill_img_s', 'throughput/eval_img_s', 'mem/peak_mb')
-SET_HERE = {'num_classes': 'the dataset', 'img_size': '--teacher-res/--student-res', 'pretrained': '--pretrained',
-            'pretrained_cfg_overlay': '--teacher-weights/--student-weights'}  # timm arguments this file sets itself
 RUN = SimpleNamespace(rank=0, world=1, phase='setup')  # this process under torchrun; the phase errors are named by
 
 class Abort(ValueError):
@@ -273,8 +260,7 @@ def build_parser():
     add('--cache-dir', help='where folders are decoded once to uint8 arrays (default DATA_DIR/decoded)')
     add('--workers', type=num(int, 1, 1024), help='processes that decode a folder (default: all cores)')
     add('--image-size', type=side, help='side of stored synthetic/folder images (default 224)')
-    add('--synthetic-size', type=num(int, 10, 10**6), help='synthetic: training images, and as many test ones up to '
-        '1000 (default 1600)')
+    add('--synthetic-size', type=num(int, 10, 10**6), help='synthetic: training images, test ones up to 1000 (1600)')
     add('--labels', help="labeled set: '10pct' of each class, '400' in all, or 'all' (default 10pct)")
     add('--split-seed', type=seed, default=0, help='seed of the labeled split (default 0)')
     add = p.add_argument_group('models (any timm name; the demo settings are below)').add_argument
@@ -287,8 +273,7 @@ def build_parser():
     add('--pretrained', action=argparse.BooleanOptionalAction, help='hub weights (default on)')
     add('--teacher-weights', help='local teacher weight file, loaded by timm (position embeddings resized)')
     add('--student-weights', help='local student weight file, loaded by timm')
-    add('--demo-teacher-steps', type=num(int, 0, 10**5), help='synthetic: pre-training steps of the demo teacher '
-        '(the demo student: half as many)')
+    add('--demo-teacher-steps', type=num(int, 0, 10**5), help='synthetic: demo teacher training steps (student: half)')
     add = p.add_argument_group('method (the loss weights and the two-stage schedule)').add_argument
     add('--w-custom', type=weight, default=1.0, help='weight of L_f~t = MSE(f_s, P_c(f_t)) (default 1)')
     add('--w-general', type=weight, default=1.0, help='weight of L_ft = MSE(P_g(f_s), f_t) (default 1)')
@@ -296,10 +281,6 @@ def build_parser():
     add('--w-ent', type=weight, default=1.0, help='weight of entropy minimisation on unlabeled images (default 1)')
     add('--custom-every', type=count, default=1, help="stage 1 every N epochs (default 1: the paper's best)")
     add('--custom-head', default='student', choices=['student', 'random'], help="head reading P_c(f_t) in stage 1")
-    add('--custom-steps', type=num(int, 0, 10**6), default=0, help='stage-1 steps an epoch (default 0: one pass over D_L)')
-    add('--wd-custom', type=num(float, 0, 10), default=0.0, help='decoupled weight decay of P_c (default 0: Adam)')
-    add('--custom-scale', default='free', choices=['free', 'match'], help="L_f~t's target: as P_c makes it (free), "
-        "or rescaled to the root-mean-square of f_s (match)")
     add = p.add_argument_group('optimisation (--batch-size and --mu are global, at any process count)').add_argument
     add('--epochs', type=count, help='epochs, each = stage 1 + stage 2 (default 30)')
     add('--batch-size', type=count, help='labeled images per step (default 64)')
@@ -317,6 +298,7 @@ def build_parser():
     add('--seed', type=seed, default=0, help='seed of everything but the split (default 0)')
     add('--cka-samples', type=num(int, 0, 10**5), default=1000, help='test images for CKA; 0: off (default 1000)')
     add('--out-dir', help='run directory (default runs/DATASET-LABELS-seedSEED)')
+    add = p.add_argument_group('run').add_mutually_exclusive_group().add_argument  # --resume or --overwrite
     add('--resume', action='store_true', help='continue the run in --out-dir from its checkpoint.pt')
     add('--overwrite', action='store_true', help='replace the outputs of an existing run directory')
     return p
@@ -338,8 +320,6 @@ def parse_args(argv=None):
             kwargs = None
         if not isinstance(kwargs, dict):
             p.error(f'{flag(k)} must be a JSON object, got {getattr(args, k)!r}')
-        for key in sorted(set(kwargs) & set(SET_HERE)):
-            p.error(f'{flag(k)} sets {key!r}, which customkd.py sets itself (from {SET_HERE[key]}): remove it')
         setattr(args, k, kwargs)
     if args.dataset == 'folder' and not (args.train_dir and args.test_dir):
         p.error('--dataset folder needs --train-dir and --test-dir')
@@ -347,8 +327,6 @@ def parse_args(argv=None):
         only = 'folder' if k.endswith(('dir', 'list')) else 'synthetic'
         if args.dataset != only and getattr(args, k) != defaults.get(k):
             p.error(f'{flag(k)} is only for --dataset {only}')
-    if args.resume and args.overwrite:
-        p.error('--resume continues a run and --overwrite replaces it: choose one')
     for k in ('train_dir', 'test_dir', 'unlabeled_dir', 'labeled_list', 'teacher_weights', 'student_weights'):
         path, folder = getattr(args, k), k.endswith('dir')
         if path is not None and not (os.path.isdir(path) if folder else os.path.isfile(path)):
@@ -363,10 +341,6 @@ def parse_args(argv=None):
             p.error(f'{flag(k)} {getattr(args, k)!r}: {up!r} is not a writable folder')
     parse_labels(args.labels)  # raises Abort on nonsense, before any work
     return args
-
-def offline():
-    return os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
-
 # ================================================================ 4. data
 def make_synthetic(y, size, num_classes, seed=0):
     """Images of classes y: per class a smooth colour pattern; images are shifted, jittered, noisy copies of it."""
@@ -382,12 +356,12 @@ def make_synthetic(y, size, num_classes, seed=0):
 def load_cifar(name, root, train):
     """CIFAR through torchvision; downloads when missing (unless HF_HUB_OFFLINE=1) and fails fast offline."""
     cls = torchvision.datasets.CIFAR100 if name == 'cifar100' else torchvision.datasets.CIFAR10
-    old = socket.getdefaulttimeout()
+    offline, old = os.getenv('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'), socket.getdefaulttimeout()
     socket.setdefaulttimeout(10)  # an offline node fails in seconds, not minutes
     try:  # download=True first checks the files (and unpacks an archive already in root)
-        ds = cls(root, train=train, download=not offline())
+        ds = cls(root, train=train, download=not offline)
     except Exception as e:
-        why = 'HF_HUB_OFFLINE=1 is set' if offline() else f'{type(e).__name__}: {e}'
+        why = 'HF_HUB_OFFLINE=1 is set' if offline else f'{type(e).__name__}: {e}'
         raise Abort(f'{name} is not in --data-dir {root!r} and could not be downloaded ({why}); put {cls.filename} '
                     f'(or the extracted {cls.base_folder}/ folder) in a folder and point --data-dir there') from None
     finally:
@@ -403,14 +377,9 @@ def list_folder(flag, root, classes=None):
     except OSError as e:
         raise Abort(f'cannot read image folder {flag} {root!r}: {e}') from None
     if not items or classes is not None and found != classes:
-        raise Abort((f'{flag} {root!r} holds no images' if not items else f'class folders differ between --train-dir '
-                     f'and {flag}: only in one of them: {sorted(set(classes) ^ set(found))}') +
-                    split_hint(found + (classes or [])))
+        raise Abort(f'{flag} {root!r} holds no images' if not items else f'class folders differ between --train-dir '
+                    f'and {flag}: only in one of them: {sorted(set(classes) ^ set(found))}')
     return [f for f, _ in items], [c for _, c in items], found
-
-def split_hint(classes):
-    s = sorted({'train', 'test', 'val'} & set(classes))
-    return f"; class folders named {'/'.join(s)}: does the flag point at their parent folder?" if s else ''
 
 def decode(size, files):
     """DataLoader worker: files -> uint8 RGB (B, 3, size, size), shorter side resized, centre crop; the unreadable."""
@@ -432,14 +401,10 @@ def decode_folder(files, args):
                                         f'{key}.u8')
     while int(os.environ.get('LOCAL_RANK', 0)) > 0 and not (os.path.exists(path) and os.path.getsize(path) == nbytes):
         time.sleep(1)  # one process per machine decodes; the others wait for the file
-    if os.path.exists(path) and os.path.getsize(path) != nbytes:  # cut short: a full disk or an interrupted copy
-        say(f'customkd: {path} holds {os.path.getsize(path)} bytes, not {nbytes}: decoding the images again')
-        os.remove(path)
-    if not os.path.exists(path):
+    if not (os.path.exists(path) and os.path.getsize(path) == nbytes):  # new, or cut short (a full disk, a bad copy)
         os.makedirs(args.cache_dir, exist_ok=True)
         if nbytes > (free := shutil.disk_usage(args.cache_dir).free):  # now: a full disk mid-decode kills the process
-            raise Abort(f'{n} images at {size} px need {nbytes / 1e9:.1f} GB in --cache-dir {args.cache_dir}; '
-                        f'{free / 1e9:.1f} GB are free')
+            raise Abort(f'{n} images at {size} px need {nbytes / 1e9:.1f} GB in --cache-dir: {free / 1e9:.1f} GB free')
         tmp, bad = f'{path}.partial-{socket.gethostname()}-{os.getpid()}', []
         say(f'customkd: decoding {n} images to {size} px, once, into {path}')
         try:
@@ -481,7 +446,7 @@ def load_data(args):
     shared = [f for f in test_files if os.path.realpath(f) in train]
     if shared:
         raise Abort(f'--test-dir {args.test_dir!r} holds {len(shared)} of the --train-dir images (e.g. {shared[0]}); '
-                    f'test images must not be training images{split_hint(classes)}')
+                    f'test images must not be training images')
     return dict(train_files=files, train_y=torch.tensor(y), test_files=test_files, test_y=torch.tensor(test_y),
                 classes=classes, names=names, n_labeled_pool=len(names))
 
@@ -493,8 +458,7 @@ def parse_labels(spec):
         assert 0 < v and (kind != 'pct' or v <= 100)
         return kind, v
     except (ValueError, AssertionError):
-        raise Abort(f"--labels {spec!r}: expected a percentage in (0, 100] ('10pct'), a positive count ('400') "
-                    f"or 'all'") from None
+        raise Abort(f"--labels {spec!r}: expected a percentage in (0, 100] ('10pct'), a count or 'all'") from None
 
 def split_labeled(targets, labels, num_classes, seed):
     """Class-balanced split, own generator -> sorted long (labeled_idx, unlabeled_idx = all, as in FixMatch/USB)."""
@@ -568,22 +532,15 @@ def model_view(model, res, device, channels_last):
 def fits(nbytes, device):
     """Whether nbytes fit in 40 % of a GPU's free memory. On a CPU, data stay where they are (mapped files too)."""
     return device.type == 'cuda' and nbytes <= 0.4 * torch.cuda.mem_get_info(device)[0]
-
 # ================================================================ 5. models
-def create_model(name, num_classes, res, pretrained, weights, kwargs, role):
-    """A timm model (pretrained from the hub or a file, or random; ViTs built for `res`); failures name the flag."""
+def create_model(args, role, num_classes):
+    """The --teacher or --student timm model (hub or file weights, or random; ViTs built for their res)."""
+    name, res, weights, kwargs = (getattr(args, role + k) for k in ('', '_res', '_weights', '_kwargs'))
     if not timm.is_model(name):
         raise Abort(f"--{role}: unknown timm model {name!r} (list them with timm.list_models('*pattern*'))")
-    kw = dict(num_classes=num_classes, pretrained=pretrained or bool(weights), **kwargs)
-    if weights:
-        kw['pretrained_cfg_overlay'] = dict(file=weights, source='timm')
-    elif pretrained and not offline():  # hub unreachable: use the local cache only, failing now, not after retries
-        from huggingface_hub import constants
-        try:
-            socket.create_connection((constants.ENDPOINT.split('/')[2], 443), timeout=3).close()
-        except OSError:
-            constants.HF_HUB_OFFLINE = True
-    try:
+    overlay = dict(pretrained_cfg_overlay=dict(file=weights, source='timm')) if weights else {}
+    try:  # a keyword argument that this file sets itself (num_classes, pretrained, ...) is a TypeError here
+        kw = dict(num_classes=num_classes, pretrained=args.pretrained or bool(weights), **overlay, **kwargs)
         try:
             return timm.create_model(name, img_size=res, **kw)
         except TypeError as e:
@@ -592,13 +549,13 @@ def create_model(name, num_classes, res, pretrained, weights, kwargs, role):
             return timm.create_model(name, **kw)
     except Exception as e:
         why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if isinstance(e, TypeError) or not (weights or args.pretrained):
+            raise Abort(f'--{role} {name} with --{role}-kwargs {json.dumps(kwargs)}: {why}') from None
         if weights:
             raise Abort(f'--{role}-weights {weights}: timm cannot load it ({why})') from None
-        if pretrained:
-            raise Abort(f'could not load pretrained weights for {name} ({type(e).__name__}): offline? use '
-                        f'--no-pretrained, local files (--teacher-weights/--student-weights), or HF_HUB_OFFLINE=1 '
-                        f'with a filled hub cache') from None
-        raise Abort(f'--{role} {name} with --{role}-kwargs {json.dumps(kwargs)}: {why}') from None
+        raise Abort(f'could not load pretrained weights for {name} ({type(e).__name__}): offline? use --no-pretrained, '
+                    f'local files (--teacher-weights/--student-weights), or HF_HUB_OFFLINE=1 with a filled hub cache') \
+            from None
 
 def features(model, x):
     """Pooled pre-logits feature of any timm-style model: (B, d)."""
@@ -618,13 +575,8 @@ def build(kd, num_classes, teacher=None, student=None):
     args, device, use_teacher = kd.args, kd.device, kd.args.w_custom > 0 or kd.args.w_general > 0
     with torch.random.fork_rng(devices=[]):  # the demo's models are one fixed pair, as downloaded weights would be
         torch.manual_seed(0 if args.demo_teacher_steps else args.seed)
-        if student is None:
-            student = create_model(args.student, num_classes, args.student_res, args.pretrained, args.student_weights,
-                                   args.student_kwargs, 'student')
-        if use_teacher and teacher is None:
-            teacher = create_model(args.teacher, 0, args.teacher_res, args.pretrained, args.teacher_weights,
-                                   args.teacher_kwargs, 'teacher')
-    kd.bf16 = args.precision == 'bf16' or (args.precision == 'auto' and device.type == 'cuda')
+        student = student if student is not None else create_model(args, 'student', num_classes)
+        teacher = teacher if teacher is not None or not use_teacher else create_model(args, 'teacher', 0)
     fmt = dict(memory_format=torch.channels_last) if kd.bf16 else {}  # channels_last follows the precision switch
     for role, model in (('student', student), ('teacher', teacher))[:1 + use_teacher]:
         need = ('forward_features', 'forward_head', 'get_classifier')[:3 if role == 'student' else 2]
@@ -632,6 +584,7 @@ def build(kd, num_classes, teacher=None, student=None):
             raise Abort(f"--{role} {type(model).__name__} has no {', '.join(m for m in need if not hasattr(model, m))}"
                         f": a {role} needs {', '.join(need)} (forward_head(x, pre_logits=True): the pooled feature)")
         res = getattr(args, f'{role}_res')
+        setattr(kd, f'view_{role[0]}', model_view(model, res, device, kd.bf16))                # view_s, view_t
         try:  # shapes from a dummy forward, in eval mode so BatchNorm statistics stay untouched
             with torch.no_grad():
                 x = torch.zeros(1, 3, res, res, device=device)
@@ -642,10 +595,8 @@ def build(kd, num_classes, teacher=None, student=None):
     if kd.head(torch.zeros(1, kd.d_s, device=device)).shape[-1] != num_classes:
         raise Abort(f'the student head must output {num_classes} classes')
     compiled = torch.compile if args.compile else (lambda f: f)
-    kd.view_s = model_view(student, args.student_res, device, kd.bf16)
     if use_teacher:
         kd.teacher = teacher.eval().requires_grad_(False)                                    # frozen, always
-        kd.view_t = model_view(teacher, args.teacher_res, device, kd.bf16)
         kd.feat_t = compiled(partial(features, teacher))                                     # f_t = T(x)
     make_projectors(kd, num_classes)
     ddp = partial(nn.parallel.DistributedDataParallel, forward_sync_buffers=False) if RUN.world > 1 else (lambda m: m)
@@ -659,8 +610,7 @@ def pretrain_demo_models(kd, x, y, steps, own=()):
     """Demo only: the teacher (`steps`) and the student (half) first learn other classes through a temporary linear
     head (Adam, lr 1e-3, batches of 64), as a foundation model and an ImageNet student; `own` modules stay as given."""
     RUN.phase, models = 'model', [(kd.teacher, kd.view_t, kd.d_t, steps, 0)] if kd.teacher is not None else []
-    say(f'customkd: pre-training the demo models on {len(x)} images of other classes ({steps} teacher steps, '
-        f'{steps // 2} student steps; a fixed pair, whatever --seed)')
+    say(f'customkd: pre-training the demo models on {len(x)} images of other classes (a fixed pair, whatever --seed)')
     for model, view, d, n, s in models + [(kd.student, kd.view_s, kd.d_s, steps // 2, 1)]:
         if any(model is m for m in own):
             continue
@@ -687,8 +637,7 @@ def teacher_features(kd, plan=None, x=None):
 def build_teacher_cache(kd, with_train):
     """Teacher features, once, over the processes: test images; with --teacher-cache training images and flips."""
     dtype, t = torch.bfloat16 if kd.bf16 else torch.float32, clock(kd.device)
-    say(f'customkd: teacher features of {len(kd.x_test)} test images' + f' and 2 x {len(kd.x_pool)} training views'
-        * with_train)
+    say(f"customkd: teacher features of {len(kd.x_test)} test images{' and of the training images' * with_train}")
     def rows(x, views, i, j):  # -> (j - i, views, d_t)
         v = x[i:j].to(kd.device).float()
         return torch.stack([teacher_features(kd, x=v.flip(-1) if flip else v) for flip in range(views)], 1).to(dtype)
@@ -697,7 +646,6 @@ def build_teacher_cache(kd, with_train):
         out = sharded_rows(len(x), kd.batch_eval, partial(rows, x, views), kd.device, place, f'teacher ({name})')
         setattr(kd, name, out.flatten(0, 1))                                  # (N_test, d_t) and (2 N, d_t)
     kd.time_cache = clock(kd.device) - t
-
 # ================================================================ 6. several processes (torchrun)
 def init_process(args):
     """torchrun sets WORLD_SIZE, RANK, LOCAL_RANK: one process per GPU (NCCL) or per CPU share (gloo). -> device"""
@@ -730,9 +678,8 @@ def all_reduce(t, op=dist.ReduceOp.SUM):
 
 def average_buffers(model):
     """BatchNorm running statistics: kept per process within an epoch, averaged over the processes at its end."""
-    for b in model.buffers() if RUN.world > 1 else []:
-        if b.is_floating_point():
-            b.copy_(all_reduce(b.clone()) / RUN.world)
+    for b in [b for b in model.buffers() if b.is_floating_point()] if RUN.world > 1 else []:
+        b.copy_(all_reduce(b.clone()) / RUN.world)
 
 def sharded_rows(n, batch, fn, device, out_device, what):
     """fn(i, j) -> rows i:j of an (n, ...) result: each process computes its own shard, then all gather all n rows."""
@@ -745,19 +692,16 @@ def sharded_rows(n, batch, fn, device, out_device, what):
     parts = [torch.empty(m, *local.shape[1:], dtype=local.dtype, device=device) for _ in range(RUN.world)]
     dist.all_gather(parts, torch.cat([local, local.new_zeros(m - len(local), *local.shape[1:])]).to(device))
     return torch.cat([part.to(out_device) for part in parts])[:n]
-
 # ================================================================ 7. bookkeeping: set-up, logs, checkpoints, errors
 def setup(args, teacher=None, student=None):
     """Everything before the first epoch: processes, data, models, projectors, split, optimizers, run folder, cache."""
     kd = Run(args, device=(device := init_process(args)))
-    if teacher is not None or student is not None:  # your own modules: recorded by class name
-        args.teacher, args.student = (type(m).__name__ if m is not None else n
-                                      for m, n in ((teacher, args.teacher), (student, args.student)))
+    args.teacher, args.student = (type(m).__name__ if m is not None else n  # your own modules: their class name
+                                  for m, n in ((teacher, args.teacher), (student, args.student)))
     ckpt = load_checkpoint(args) if args.resume else None
     if RUN.rank == 0 and not args.resume and os.path.isdir(args.out_dir) and os.listdir(args.out_dir) \
             and not args.overwrite:
-        raise Abort(f'run directory {args.out_dir} exists: add --resume to continue it, --overwrite to replace it, '
-                    f'or choose another --out-dir')
+        raise Abort(f'run directory {args.out_dir} exists: --resume continues it, --overwrite replaces it')
     if args.deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA lacks a few kernels
@@ -781,12 +725,11 @@ def setup(args, teacher=None, student=None):
         pretrain_demo_models(kd, data['teacher_x'], data['teacher_y'], args.demo_teacher_steps, (teacher, student))
     params = list(kd.student.parameters()) + (list(kd.proj_general.parameters()) if kd.proj_general else [])
     kd.opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
-    kd.opt_custom = torch.optim.AdamW(kd.proj_custom.parameters(), lr=args.lr_custom, weight_decay=args.wd_custom) \
-        if kd.proj_custom else None  # weight_decay 0: exactly Adam
+    kd.opt_custom = torch.optim.Adam(kd.proj_custom.parameters(), lr=args.lr_custom) if kd.proj_custom else None
     if ckpt is not None:
         for key in (k for k in PARTS if getattr(kd, k) is not None):
             getattr(kd, key).load_state_dict(ckpt[key])
-        kd.start, kd.history, kd.t_start = ckpt['epoch'], ckpt['history'], kd.t_start - ckpt['wall_time_s']
+        kd.history, kd.t_start = ckpt['history'], kd.t_start - ckpt['wall_time_s']
         torch.set_rng_state(ckpt['rng_cpu'])
         if device.type == 'cuda' and ckpt['rng_cuda']:
             torch.cuda.set_rng_state_all(ckpt['rng_cuda'])
@@ -801,7 +744,6 @@ def setup(args, teacher=None, student=None):
     RUN.phase = 'teacher cache'
     if kd.teacher is not None:  # test features always (the teacher is frozen); train features with --teacher-cache
         build_teacher_cache(kd, args.teacher_cache)
-    kd.cka_idx = torch.randperm(len(kd.x_test), generator=torch.Generator().manual_seed(0))[:args.cka_samples]
     say(f"customkd: {args.dataset} {num_classes} classes, {len(kd.labeled_idx)} labeled / {len(kd.unlabeled_idx)} "
         f"unlabeled / {len(kd.x_test)} test | {args.student} <- {args.teacher if kd.teacher else 'no teacher'} | "
         f"{device.type} x {RUN.world}, {'bf16' if kd.bf16 else 'fp32'} | teacher features in {kd.time_cache:.1f}s")
@@ -835,10 +777,11 @@ def save_epoch(kd, row):
         row['mem/peak_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kd.history.append(row)
     if RUN.rank == 0:
-        save_atomic(dict(identity=identity(kd.args), epoch=row['epoch'], history=kd.history, labeled_idx=kd.labeled_idx,
-                         wall_time_s=time.time() - kd.t_start, rng_cpu=torch.get_rng_state(),
-                         rng_cuda=torch.cuda.get_rng_state_all() if kd.device.type == 'cuda' else [],
-                         **{k: getattr(kd, k).state_dict() if getattr(kd, k) is not None else {} for k in PARTS}),
+        state = {k: getattr(kd, k).state_dict() if getattr(kd, k) is not None else {} for k in PARTS}
+        save_atomic(dict(identity={k: getattr(kd.args, k) for k in IDENTITY}, epoch=row['epoch'], history=kd.history,
+                         labeled_idx=kd.labeled_idx, wall_time_s=time.time() - kd.t_start, **state,
+                         rng_cpu=torch.get_rng_state(),
+                         rng_cuda=torch.cuda.get_rng_state_all() if kd.device.type == 'cuda' else []),
                     out_file(kd.args, 'checkpoint.pt'))
         save_atomic(dict(state_dict=kd.student.state_dict(), model=kd.args.student, num_classes=len(kd.head.weight)),
                     out_file(kd.args, 'student.pt'))
@@ -862,12 +805,12 @@ def summarise(kd):
 
 def save_atomic(obj, path):
     """Serialise in memory, write a temporary file, fsync, rename: a crash or a full disk never breaks `path`."""
-    data = obj.encode() if isinstance(obj, str) else io.BytesIO()
+    data = io.BytesIO(obj.encode() if isinstance(obj, str) else b'')
     if not isinstance(obj, str):
         torch.save(obj, data)
     try:
         with open(f'{path}.tmp', 'wb') as f:
-            f.write(data if isinstance(obj, str) else data.getbuffer())
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(f'{path}.tmp', path)
@@ -877,13 +820,8 @@ def save_atomic(obj, path):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20
             raise Abort(f'--out-dir {os.path.dirname(path)} is full ({free:.0f} MB free) writing '
-                        f"{os.path.basename(path)}; the last completed epoch's checkpoint.pt, if any, is intact: free "
-                        f'space, then rerun with --resume') from None
+                        f'{os.path.basename(path)}; any checkpoint.pt is intact: free space, then --resume') from None
         raise
-
-def identity(args):
-    """What a run is (data, split, models): --resume refuses a checkpoint whose identity differs."""
-    return {k: getattr(args, k) for k in IDENTITY}
 
 def out_file(args, name):
     return os.path.join(args.out_dir, name)
@@ -891,15 +829,12 @@ def out_file(args, name):
 def load_checkpoint(args):
     """Load with weights_only=True (never runs pickled code) and refuse a checkpoint of another run."""
     path = out_file(args, 'checkpoint.pt')
-    if not os.path.isfile(path):
-        raise Abort(f'--resume: no checkpoint at {path}')
-    try:
+    try:  # a missing file too
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
         assert isinstance(ckpt, dict) and 'identity' in ckpt
     except Exception as e:
-        raise Abort(f'--resume: {path} is not a readable CustomKD checkpoint (truncated, corrupt or foreign: '
-                    f'{type(e).__name__}); delete it or choose another --out-dir') from None
-    for k, v in identity(args).items():
+        raise Abort(f'--resume: no readable CustomKD checkpoint at {path} ({type(e).__name__})') from None
+    for k, v in ((k, getattr(args, k)) for k in IDENTITY):  # what a run is: data, split, models
         if ckpt['identity'].get(k) != v:
             raise Abort(f"--resume: {path} was written with --{k.replace('_', '-')} {ckpt['identity'].get(k)}, "
                         f'not {v}; use the original value or another --out-dir')
@@ -949,8 +884,7 @@ def main(argv=None, teacher=None, student=None):
     except KeyboardInterrupt:
         if RUN.rank > 0:
             raise SystemExit(130)
-        fail("interrupted (Ctrl-C, SIGTERM, or torchrun ending the run after another process failed); the last "
-             "completed epoch's checkpoint.pt is intact: rerun the same command with --resume", 130)
+        fail('interrupted (Ctrl-C, SIGTERM, or a failed torchrun process); checkpoint.pt is intact: add --resume', 130)
     except Exception as e:
         if os.environ.get('CUSTOMKD_DEBUG', '') not in ('', '0'):
             raise

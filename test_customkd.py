@@ -321,9 +321,9 @@ def test_console_prints_one_aligned_line_per_epoch(tmp_path, capsys):
 def test_baseline_without_feature_losses_never_builds_the_teacher(tmp_path, monkeypatch):
     built = []
     real = ck.create_model
-    monkeypatch.setattr(ck, 'create_model', lambda name, *a, **k: built.append(name) or real(name, *a, **k))
+    monkeypatch.setattr(ck, 'create_model', lambda args, role, *a: built.append(role) or real(args, role, *a))
     code, summary, _ = run_main(TINY + ['--w-custom', '0', '--w-general', '0', '--out-dir', str(tmp_path / 'b')])
-    assert code == 0 and built == ['mobilenetv3_small_050']
+    assert code == 0 and built == ['student']
     row = json.loads(open(tmp_path / 'b' / 'metrics.jsonl').readline())
     assert row['loss/feat_custom'] is None and row['acc/teacher_custom'] is None and row['loss/customize'] is None
     assert summary['acc_teacher_custom_last'] is None
@@ -474,13 +474,16 @@ def test_pretrained_offline_names_every_way_out(tmp_path, capsys):
 def test_local_weight_files_load_through_timm(tmp_path):
     src = timm.create_model('vit_tiny_patch16_224', depth=1, patch_size=8, img_size=64, num_classes=0)
     torch.save(src.state_dict(), tmp_path / 't.pth')
-    t = ck.create_model('vit_tiny_patch16_224', 0, 32, False, str(tmp_path / 't.pth'), {'depth': 1, 'patch_size': 8},
-                        'teacher')
+    args = ck.parse_args(['--dataset', 'synthetic', '--teacher', 'vit_tiny_patch16_224', '--teacher-res', '32',
+                          '--teacher-kwargs', '{"depth": 1, "patch_size": 8}', '--teacher-weights', str(tmp_path / 't.pth'),
+                          '--student-weights', str(tmp_path / 't.pth'), '--out-dir', str(tmp_path / 'r')])
+    t = ck.create_model(args, 'teacher', 0)
     assert t.pos_embed.shape == (1, 1 + 16, 192) != src.pos_embed.shape  # resampled from 8x8 to 4x4 patches
     assert torch.equal(t.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     s_src = timm.create_model('mobilenetv3_small_050', num_classes=1000)
     torch.save(s_src.state_dict(), tmp_path / 's.pth')
-    s = ck.create_model('mobilenetv3_small_050', 10, 32, False, str(tmp_path / 's.pth'), {}, 'student')
+    args.student_weights = str(tmp_path / 's.pth')
+    s = ck.create_model(args, 'student', 10)
     assert torch.equal(s.conv_stem.weight, s_src.conv_stem.weight) and s.get_classifier().out_features == 10
 
 
@@ -664,7 +667,7 @@ def test_too_little_disk_for_the_array_stops_before_decoding(tmp_path, capsys, m
     monkeypatch.setattr(ck.shutil, 'disk_usage', lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(tmp_path / 'src'), '--test-dir',
                                         str(tmp_path / 'test'), '--out-dir', str(tmp_path / 'r')), capsys)
-    assert code == 2 and '6 images at 32 px need 0.0 GB in --cache-dir' in err and 'GB are free' in err
+    assert code == 2 and '6 images at 32 px need 0.0 GB in --cache-dir: 0.0 GB free' in err
     assert os.listdir(tmp_path / 'cache') == []
 
 
@@ -763,7 +766,7 @@ def test_a_killed_process_ends_every_process_with_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------ bad input
-BAD = [(['--labels', 'ten'], "'ten'"), (['--labels', '0'], 'positive count'), (['--labels', '0pct'], 'percentage'),
+BAD = [(['--labels', 'ten'], "'ten'"), (['--labels', '0'], 'a count or'), (['--labels', '0pct'], 'percentage'),
        (['--labels', '150pct'], 'percentage'), (['--labels', '-5'], "'-5'"), (['--labels', '15'], 'divide evenly'),
        (['--labels', '400'], 'class 0 has 5 images'), (['--dataset', 'imagenet'], 'invalid choice'),
        (['--student', 'no_such_net'], 'unknown timm model'), (['--teacher', 'no_such_vit'], 'unknown timm model'),
@@ -773,11 +776,11 @@ BAD = [(['--labels', 'ten'], "'ten'"), (['--labels', '0'], 'positive count'), ([
        (['--teacher-kwargs', '[1]'], 'JSON object'), (['--dataset', 'folder'], '--train-dir'),
        (['--student-kwargs', '{"no_such_arg": 1}'], "unexpected keyword argument 'no_such_arg'"),
        (['--teacher-res', '8', '--teacher-kwargs', '{"patch_size": 16}'], '--teacher cannot take --teacher-res 8'),
-       (['--train-dir', '/nonexistent'], 'only for --dataset folder'), (['--resume', '--overwrite'], 'choose one'),
+       (['--train-dir', '/nonexistent'], 'only for --dataset folder'), (['--resume', '--overwrite'], 'not allowed with argument --resume'),
        (['--teacher-weights', '/nonexistent.pth'], 'is not an existing file'),
-       (['--teacher-kwargs', '{"num_classes": 5}'], "--teacher-kwargs sets 'num_classes', which customkd.py sets"),
-       (['--student-kwargs', '{"img_size": 64}'], "--student-kwargs sets 'img_size'"),
-       (['--student-kwargs', '{"pretrained": true}'], "--student-kwargs sets 'pretrained'")]
+       (['--teacher-kwargs', '{"num_classes": 5}'], "multiple values for keyword argument 'num_classes'"),
+       (['--student-kwargs', '{"img_size": 64}'], "unexpected keyword argument 'img_size'"),
+       (['--student-kwargs', '{"pretrained": true}'], "multiple values for keyword argument 'pretrained'")]
 
 
 @pytest.mark.parametrize('argv,message', BAD)
@@ -881,7 +884,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, capsys):
 def test_resume_refuses_bad_checkpoints(tmp_path, capsys):
     out = tmp_path / 'r'
     code, _, err = run_main(TINY + ['--resume', '--out-dir', str(out)], capsys)
-    assert code == 2 and 'no checkpoint' in err
+    assert code == 2 and 'no readable CustomKD checkpoint' in err and 'FileNotFoundError' in err
     assert run_main(TINY + ['--epochs', '1', '--out-dir', str(out)])[0] == 0
     capsys.readouterr()
     for argv, said in ((['--labels', '80'], '--labels 40'), (['--split-seed', '3'], '--split-seed 0'),
@@ -895,10 +898,10 @@ def test_resume_refuses_bad_checkpoints(tmp_path, capsys):
     good = (out / 'checkpoint.pt').read_bytes()
     (out / 'checkpoint.pt').write_bytes(good[:len(good) // 2])
     code, _, err = run_main(TINY + ['--resume', '--out-dir', str(out)], capsys)
-    assert code == 2 and 'not a readable CustomKD checkpoint' in err
+    assert code == 2 and 'no readable CustomKD checkpoint' in err
     torch.save({'identity': {}, 'payload': TinyNet(2)}, out / 'checkpoint.pt')  # pickled code: must not be loaded
     code, _, err = run_main(TINY + ['--resume', '--out-dir', str(out)], capsys)
-    assert code == 2 and 'not a readable CustomKD checkpoint' in err
+    assert code == 2 and 'no readable CustomKD checkpoint' in err
 
 
 def test_interrupted_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -978,11 +981,10 @@ def test_test_folder_that_is_or_shares_the_training_folder_is_refused_before_dec
     code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(root), '--test-dir', str(root), '--out-dir',
                                         str(tmp_path / 'r')), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and 'holds 10 of the --train-dir images' in err
-    assert 'class folders named test/train: does the flag point at their parent folder?' in err
     assert not (tmp_path / 'cache').exists() and not (tmp_path / 'r').exists()  # nothing decoded, nothing written
     code, _, err = run_main(folder_args(tmp_path, '--train-dir', str(root), '--test-dir', str(root / 'test'),
                                         '--out-dir', str(tmp_path / 'r')), capsys)  # only --train-dir at the parent
-    assert code == 2 and 'class folders differ' in err and 'point at their parent' in err
+    assert code == 2 and 'class folders differ' in err and "'test', 'train'" in err  # the names tell
     assert not (tmp_path / 'cache').exists()  # listed and checked before anything is decoded
     other = tmp_path / 'other'  # a test folder with one training image in it (here, a link to it)
     write_folder(other, ['cat', 'dog'], 2, 2)
@@ -1009,8 +1011,7 @@ def test_truncated_decoded_array_is_decoded_again(tmp_path, capsys):
     x2, _, _, _ = load_folder(tmp_path / 'src', args)
     out = capsys.readouterr().out.strip().splitlines()
     assert torch.equal(x, x2) and os.path.getsize(array) == 8 * 3 * 32 * 32
-    assert len(out) == 2 and 'holds 100 bytes, not 24576: decoding the images again' in out[0]
-    assert out[1].startswith('customkd: decoding 8 images to 32 px, once, into ')  # the silent phase says so
+    assert len(out) == 1 and out[0].startswith('customkd: decoding 8 images to 32 px, once, into ')  # says so
 
 
 class DiskFull:
