@@ -9,9 +9,9 @@ processes, bookkeeping) are reference material.
   python customkd.py --dataset cifar100 --labels 10pct     # the main job (GPU + internet)
   python customkd.py --dataset synthetic                   # the offline CPU demo
   HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py    # the tests (CPU, no network)
-MEASURED1
-MEASURED2
-MEASURED3
+Measured (2-core Intel Xeon with AVX-512/AMX, no GPU; torch 2.14.1, timm 1.0.31; seeds 0-4, one run at a time, about
+42 s a run): the demo's student ends at 0.742 +- 0.079 with CustomKD, 0.775 +- 0.073 with L_ft only (plain feature KD,
+ahead on 4 seeds of 5) and 0.530 +- 0.275 with no teacher (chance 0.025). CIFAR-100 and GPU: not yet measured.
 """
 import argparse, difflib, errno, hashlib, io, json, math, os, resource, shutil, signal, socket, sys, time  # noqa: E401
 from dataclasses import dataclass, field

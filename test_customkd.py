@@ -260,7 +260,7 @@ def test_demo_writes_every_output_and_learns(demo):
     assert [r['epoch'] for r in lines] == list(range(1, 9))
     assert set(lines[-1]) == set(ck.METRIC_KEYS) and all(lines[-1][k] is not None for k in ck.METRIC_KEYS)
     # Wide margins, whatever the CPU's kernels: chance is 0.025 (40 classes); over seeds 0-4 on one CPU the student
-    # ended between DEMOMIN and DEMOMAX and the customized teacher (a linear probe on a pre-trained teacher) above DEMOTC.
+    # ended between 0.649 and 0.855 and the customized teacher (a linear probe on a pre-trained teacher) above 0.897.
     assert summary['acc_student_last'] == lines[-1]['acc/student'] > 0.2
     assert summary['acc_teacher_custom_last'] > 0.5
     assert summary['acc_student_best'] == max(r['acc/student'] for r in lines)

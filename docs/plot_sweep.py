@@ -61,7 +61,7 @@ def main(runs, out):
         sds = [statistics.stdev(g) if len(g) > 1 else 0 for g in gains[k]]
         ax.errorbar([p / 1e6 for p in params], means, yerr=sds, marker='o', capsize=3, color=colour, label=label)
     ax.axhline(0, color='grey', lw=0.8)
-    ax.set_xscale('log')
+    ax.set_xticks([p / 1e6 for p in params], [f'{p / 1e6:.2f} M' for p in params])
     ax.set_xlabel('teacher parameters (millions)')
     ax.set_ylabel('student accuracy gain over no teacher')
     ax.legend()

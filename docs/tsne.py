@@ -23,7 +23,7 @@ import customkd as ck  # noqa: E402
 
 
 def main(run_student, run_random, out):
-    runs = [(run_student, "customized through the student's head"), (run_random, 'customized through a random head')]
+    runs = [(run_student, "P_c through the student's head"), (run_random, 'P_c through a random head')]
     fig, axes = plt.subplots(len(runs), 3, figsize=(12, 7.6))
     for row, (run, label) in zip(axes, runs):
         feats = torch.load(os.path.join(run, 'features.pt'), weights_only=True)
@@ -31,10 +31,10 @@ def main(run_student, run_random, out):
         for ax, (key, title) in zip(row, (('f_s', 'student f_s'), ('f_t_custom', 'customized teacher P_c(f_t)'),
                                           ('f_t', 'original teacher f_t'))):
             xy = TSNE(n_components=2, init='pca', random_state=0, perplexity=30).fit_transform(feats[key].numpy())
-            ax.scatter(xy[:, 0], xy[:, 1], c=feats['y'].numpy(), cmap='tab20', s=4)
+            ax.scatter(xy[:, 0], xy[:, 1], c=feats['y'].numpy(), cmap='gist_rainbow', s=4)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f'{title}\n{label}' + (f', CKA(f_s, P_c(f_t)) = {cka:.3f}' if key == 'f_s' else ''),
+            ax.set_title(f'{title}\n{label}' + (f'\nCKA(f_s, P_c(f_t)) = {cka:.3f}' if key == 'f_s' else ''),
                          fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
