@@ -127,7 +127,7 @@ def evaluate(kd):
         out['acc/teacher_custom'] = (kd.head_c(f_t_custom).argmax(-1) == kd.y_test).float().mean().item()
         out['rms/f_t_custom'] = f_t_custom.pow(2).mean().sqrt().item()                    # the target's scale
     kd.sample = {k: v[kd.cka_idx.to(kd.device)].cpu() for k, v in feats.items()}  # the end's goes to features.pt
-    if len(kd.cka_idx) > 1:
+    if len(kd.sample['f_s']) > 1:  # the CKA rows, drawn once above
         out.update({f'cka/student_vs_{n}': linear_cka(kd.sample['f_s'], kd.sample[k])
                     for k, n in (('f_t_custom', 'custom'), ('f_t', 'teacher')) if k in feats})
     return out, len(kd.x_test)
