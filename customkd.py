@@ -9,9 +9,9 @@ processes, bookkeeping) are reference material.
   python customkd.py --dataset cifar100 --labels 10pct     # the main job (GPU + internet)
   python customkd.py --dataset synthetic                   # the offline CPU demo
   HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py    # the tests (CPU, no network)
-Measured (2-core Intel Xeon with AVX-512/AMX, no GPU; torch 2.14.1, timm 1.0.31; seeds 0-4, one run at a time, about
-42 s a run): the demo's student ends at 0.742 +- 0.079 with CustomKD, 0.775 +- 0.073 with L_ft only (plain feature KD,
-ahead on 4 seeds of 5) and 0.530 +- 0.275 with no teacher (chance 0.025). CIFAR-100 and GPU: not yet measured.
+Measured demo (torch 2.14.1, timm 1.0.31; seeds 0-4 one at a time; CustomKD / L_ft only / no teacher; chance 0.025):
+2-core Intel Xeon (AVX-512/AMX) 0.742+-0.079 / 0.775+-0.073 / 0.530+-0.275, ~42 s a run; 2-core AMD EPYC (AVX2)
+0.621+-0.220 / 0.743+-0.135 / 0.723+-0.071, ~100 s: not the paper's effect. CIFAR-100 and GPU: not yet measured.
 """
 import argparse, difflib, errno, hashlib, io, json, math, os, resource, shutil, signal, socket, sys, time  # noqa: E401
 from dataclasses import dataclass, field
@@ -427,9 +427,9 @@ def decode_folder(files, args):
 
 def load_data(args):
     """-> uint8 (N, 3, H, W) images and labels (folders: checked file lists, decoded once the models are built)."""
-    if args.dataset == 'synthetic':  # + images of other classes for the demo teacher, never seen by the student
-        n, n_test, c = args.synthetic_size, min(args.synthetic_size, 1000), DEMO_CLASSES
-        y = torch.cat([torch.arange(n + n_test) % c, c + torch.arange(DEMO_TEACHER_IMAGES) % DEMO_TEACHER_CLASSES])
+    if args.dataset == 'synthetic':  # + images of other classes for the demo's pre-training, never seen by the student
+        n, c, m = args.synthetic_size, DEMO_CLASSES, DEMO_TEACHER_IMAGES * bool(args.demo_teacher_steps)  # m: if used
+        y = torch.cat([torch.arange(n + (n_test := min(n, 1000))) % c, c + torch.arange(m) % DEMO_TEACHER_CLASSES])
         x = make_synthetic(y, args.image_size, c + DEMO_TEACHER_CLASSES)
         return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:n + n_test], test_y=y[n:n + n_test], n_labeled_pool=n,
                     classes=[str(k) for k in range(c)], teacher_x=x[n + n_test:], teacher_y=y[n + n_test:])

@@ -3,11 +3,13 @@
 Run: HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py
 """
 import errno
+import importlib.util
 import json
 import math
 import os
 import pickle
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -259,9 +261,10 @@ def test_demo_writes_every_output_and_learns(demo):
     lines = [json.loads(line) for line in open(out / 'metrics.jsonl')]
     assert [r['epoch'] for r in lines] == list(range(1, 9))
     assert set(lines[-1]) == set(ck.METRIC_KEYS) and all(lines[-1][k] is not None for k in ck.METRIC_KEYS)
-    # Wide margins, whatever the CPU's kernels: chance is 0.025 (40 classes); over seeds 0-4 on one CPU the student
-    # ended between 0.649 and 0.855 and the customized teacher (a linear probe on a pre-trained teacher) above 0.897.
-    assert summary['acc_student_last'] == lines[-1]['acc/student'] > 0.2
+    # Wide margins, whatever the CPU's kernels: chance is 0.025 (40 classes); over seeds 0-4 the student ended between
+    # 0.649 and 0.855 on an Intel CPU and between 0.253 and 0.824 on an AMD one, the customized teacher (a linear probe
+    # on a pre-trained teacher) above 0.897 on both. A run's path varies by CPU: the bar is 4x chance, not a level.
+    assert summary['acc_student_last'] == lines[-1]['acc/student'] > 0.1
     assert summary['acc_teacher_custom_last'] > 0.5
     assert summary['acc_student_best'] == max(r['acc/student'] for r in lines)
     assert lines[-1]['loss/feat_general'] < lines[0]['loss/feat_general']  # a healthy run: feature loss falls
@@ -285,6 +288,8 @@ def test_demo_writes_every_output_and_learns(demo):
 
 def test_demo_models_are_pre_trained_then_the_teacher_is_frozen(tmp_path):
     kd = tiny_kd(tmp_path)
+    assert len(ck.load_data(kd.args)['teacher_x']) == 0  # --demo-teacher-steps 0: no pre-training images made
+    kd.args.demo_teacher_steps = 20
     data, teacher, student = ck.load_data(kd.args), snapshot(kd.teacher), snapshot(kd.student)
     ck.pretrain_demo_models(kd, data['teacher_x'], data['teacher_y'], 20)
     assert not same(kd.teacher, teacher) and not same(kd.student, student)
@@ -811,7 +816,7 @@ def test_every_flag_through_edge_values_exits_cleanly(tmp_path, monkeypatch, cap
     (tmp_path / 'FILE').write_text('not an image, a list or weights\n')
     (tmp_path / 'DIR').mkdir()
     base = ['--dataset', 'synthetic', '--synthetic-size', '40', '--labels', '40', '--epochs', '1', '--cka-samples',
-            '10', '--demo-teacher-steps', '2']
+            '10', '--demo-teacher-steps', '0']
     flags, seen, n = [a for a in ck.build_parser()._actions if a.option_strings and a.dest != 'help'], set(), 0
     for action in flags:
         for option in action.option_strings:
@@ -1098,12 +1103,17 @@ def test_every_link_in_the_readme_and_docs_points_at_something_that_exists():
     assert 'HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py' in open(os.path.join(HERE, '.ci', 'run')).read()
 
 
-def test_benchmark_scripts_in_docs_run_as_their_pages_say(tmp_path):
-    def script(name, *argv):
-        p = subprocess.run([sys.executable, os.path.join(HERE, 'docs', name), *map(str, argv)], capture_output=True,
-                           text=True, env=ENV, cwd=tmp_path, timeout=300)
+def test_benchmark_scripts_in_docs_run_as_their_pages_say(tmp_path, monkeypatch, capsys):
+    def script(name, *argv):  # bench_folder.py measures its own process's memory: a fresh one; the others in this one
+        path, argv = os.path.join(HERE, 'docs', name), [os.path.join(HERE, 'docs', name), *map(str, argv)]
+        if name != 'bench_folder.py':
+            monkeypatch.setattr(sys, 'argv', argv)
+            runpy.run_path(path, run_name='__main__')
+            return capsys.readouterr().out
+        p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
         return p.stdout
+    monkeypatch.chdir(tmp_path)
     script('make_jpegs.py', tmp_path / 'train', 40, 20, 16)
     script('make_jpegs.py', tmp_path / 'test', 20, 20, 16, 1)
     assert len(os.listdir(tmp_path / 'train')) == 10 and len(os.listdir(tmp_path / 'train' / 'c3')) == 4
@@ -1131,3 +1141,24 @@ def test_export_onnx_matches_pytorch(demo):
     p = subprocess.run([sys.executable, os.path.join(HERE, 'docs', 'export_onnx.py'), str(out / 'nothing')],
                        capture_output=True, text=True, env=ENV, timeout=300)
     assert p.returncode == 2 and 'no student.pt' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_rowspace_script_measures_the_share_in_the_heads_row_space(demo, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location('rowspace', os.path.join(HERE, 'docs', 'rowspace.py'))
+    rowspace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rowspace)
+    w = torch.eye(4)[:2] * 3                                     # rows span the first two of 4 dimensions
+    inside, outside = torch.randn(50, 2), torch.randn(50, 2)
+    assert rowspace.row_space_share(torch.cat([inside, torch.zeros(50, 2)], 1), w) == pytest.approx(1)
+    assert rowspace.row_space_share(torch.cat([torch.zeros(50, 2), outside], 1), w) == pytest.approx(0, abs=1e-12)
+    mixed = torch.cat([inside, outside], 1)
+    expect = (inside - inside.mean(0)).pow(2).sum() / (mixed - mixed.mean(0)).pow(2).sum()
+    assert rowspace.row_space_share(mixed, w) == pytest.approx(expect.item())
+    _, _, out = demo
+    rowspace.main([str(out)])
+    line = capsys.readouterr().out
+    shares = dict(re.findall(r'(f_t_custom|f_s) (\d\.\d{3})', line))
+    assert set(shares) == {'f_t_custom', 'f_s'} and all(0 < float(v) < 1 for v in shares.values())
+    assert '(head: 40 rows of 1024, at random 0.039)' in line
+    with pytest.raises(SystemExit, match='not a finished run folder'):
+        rowspace.main([str(tmp_path)])
