@@ -427,8 +427,8 @@ def decode_folder(files, args):
 
 def load_data(args):
     """-> uint8 (N, 3, H, W) images and labels (folders: checked file lists, decoded once the models are built)."""
-    if args.dataset == 'synthetic':  # + images of other classes for the demo's pre-training, never seen by the student
-        n, c, m = args.synthetic_size, DEMO_CLASSES, DEMO_TEACHER_IMAGES * bool(args.demo_teacher_steps)  # m: if used
+    if args.dataset == 'synthetic':  # + m images of other classes for the demo's pre-training (if it runs)
+        n, c, m = args.synthetic_size, DEMO_CLASSES, DEMO_TEACHER_IMAGES if args.demo_teacher_steps else 0
         y = torch.cat([torch.arange(n + (n_test := min(n, 1000))) % c, c + torch.arange(m) % DEMO_TEACHER_CLASSES])
         x = make_synthetic(y, args.image_size, c + DEMO_TEACHER_CLASSES)
         return dict(train_x=x[:n], train_y=y[:n], test_x=x[n:n + n_test], test_y=y[n:n + n_test], n_labeled_pool=n,
