@@ -4,8 +4,7 @@ Paper: J. Lee, D. Das, M. Hayat, S. Choi, K. Hwang, F. Porikli, "CustomKD: Custo
 Edge Model Improvement via Knowledge Distillation", CVPR 2025, arXiv:2503.18244.
 
 Section 1 is all of CustomKD, top-down as in the paper's Fig. 2, and reads alone; the lines that *are* the method are
-tagged `# [CustomKD]`. Section 2 declares everything a run holds; sections 3-7 (command line, data, models, several
-processes, bookkeeping) are reference material.
+tagged `# [CustomKD]`. Section 2 declares what a run holds; sections 3-7 are reference material.
 
   python customkd.py --dataset cifar100 --labels 10pct     # the main job (GPU + internet)
   python customkd.py --dataset synthetic                   # the offline CPU demo
@@ -24,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -51,8 +51,7 @@ from PIL import Image
 #   epoch_plan, plan_generator  a stage's seeded batches, as rows of (image id, crop dy, crop dx, flip)
 #   augment, fetch              the planned crops and flips of images, and rows of a tensor, on the device
 #   teacher_features            f_t = T(x) under inference mode, or read from --teacher-cache
-#   clock, timings, progress    seconds, images/s, and a line a minute for long phases
-#   epoch_means                 a stage's mean loss terms; a non-finite one stops the run
+#   clock, timings, progress    seconds, images/s, a line a minute; epoch_means: mean losses (non-finite: stop)
 #   shard, global_batch, all_reduce, average_buffers, sharded_rows: several processes (torchrun, section 6); in one
 #                               process they return what they are given, or the whole batch, and do nothing else.
 def run(args, teacher=None, student=None):
@@ -79,8 +78,7 @@ def customize_epoch(kd, epoch):
     log = []
     for p in progress(plan, "stage 1", steps * batch, batch):
         p = shard(p)  # this process's share of the batch
-        # The teacher's view: each image cropped and flipped as planned; with --teacher-cache, the whole image or
-        # its mirror image, as planned, read from the cache (no crop).
+        # the teacher's view: each image cropped and flipped as planned; with --teacher-cache, uncropped, as planned
         f_t = teacher_features(kd, p)  # (B, d_t), T frozen
         with kd.amp():
             logits = kd.customizer(f_t)  # [CustomKD] (B, C) = h(P_c(f_t)): P_c, then the student's frozen head h
@@ -179,29 +177,23 @@ def evaluate(kd):
             return kd.student_side(kd.view_s(kd.x_test[i:j].to(kd.device).float()))[0].float()
 
     f_s = sharded_rows(len(kd.x_test), kd.batch_eval, student_rows, kd.device, kd.device, "evaluation")  # (N, d_s)
-    out = {"acc/student": accuracy(kd.head(f_s), kd.y_test), "rms/f_s": rms(f_s)}  # RMS: the feature's scale
+    out = {"acc/student": (kd.head(f_s).argmax(-1) == kd.y_test).float().mean().item()}
+    out["rms/f_s"] = f_s.pow(2).mean().sqrt().item()  # root-mean-square: the feature's scale
     feats = {"f_s": f_s, "y": kd.y_test}
     if kd.teacher is not None:
         feats["f_t"] = kd.cache_test.float().to(kd.device)  # (N, d_t), computed once: T is frozen
     if kd.proj_custom is not None:
         f_t_custom = kd.proj_custom(feats["f_t"])  # (N, d_s)
         feats["f_t_custom"] = f_t_custom
-        out["acc/teacher_custom"] = accuracy(kd.head_c(f_t_custom), kd.y_test)
-        out["rms/f_t_custom"] = rms(f_t_custom)  # the target's scale
-    kd.sample = {k: v[kd.cka_idx.to(kd.device)].cpu() for k, v in feats.items()}  # the last one: features.pt
-    if len(kd.cka_idx) > 1:
+        out["acc/teacher_custom"] = (kd.head_c(f_t_custom).argmax(-1) == kd.y_test).float().mean().item()
+        out["rms/f_t_custom"] = f_t_custom.pow(2).mean().sqrt().item()  # the target's scale
+    rows = torch.randperm(len(kd.x_test), generator=torch.Generator().manual_seed(0))[: kd.args.cka_samples]
+    kd.sample = {k: v[rows.to(kd.device)].cpu() for k, v in feats.items()}  # the same rows each time; features.pt
+    if len(rows) > 1:
         for k, name in (("f_t_custom", "custom"), ("f_t", "teacher")):
             if k in feats:
                 out[f"cka/student_vs_{name}"] = linear_cka(kd.sample["f_s"], kd.sample[k])
     return out | timings("eval", t0, len(kd.x_test), kd.device)
-
-
-def accuracy(logits, y):
-    return (logits.argmax(-1) == y).float().mean().item()
-
-
-def rms(f):
-    return f.pow(2).mean().sqrt().item()
 
 
 def linear_cka(x, y):
@@ -272,7 +264,8 @@ class KDState:
     unlabeled_idx: torch.Tensor = None  # D_U, rows of x_pool
     x_test: torch.Tensor = None  # test images
     y_test: torch.Tensor = None  # their labels
-    cka_idx: torch.Tensor = None  # the test rows of the CKA and of features.pt, drawn once
+    pad: int = 0  # the crop's padding: 1/8 of the images' side
+    batch_eval: int = 0  # images per batch of evaluation and of the teacher's features
     cache_test: torch.Tensor = None  # f_t of every test image, computed once (N_test, d_t)
     cache_train: torch.Tensor = None  # --teacher-cache: f_t of each training image and its flip (2N, d_t)
     # progress (section 7; a checkpoint restores history and t_start)
@@ -286,14 +279,6 @@ class KDState:
         return self.student.get_classifier()
 
     @property
-    def pad(self):  # crop padding: 1/8 of the side
-        return self.x_pool.shape[-1] // 8
-
-    @property
-    def batch_eval(self):  # images per evaluation batch
-        return self.args.batch_size * (1 + self.args.mu)
-
-    @property
     def bf16(self):  # --precision auto: bf16 on CUDA only
         return self.args.precision == "bf16" or (self.args.precision == "auto" and self.device.type == "cuda")
 
@@ -302,23 +287,11 @@ class KDState:
 
 
 # ================================================================ 3. command line
-DEMO = dict(  # --dataset synthetic: the offline demo's settings, each one overridable by its flag
-    teacher="vit_tiny_patch16_224",
-    teacher_kwargs={"depth": 4, "patch_size": 16},
-    student="mobilenetv3_small_050",
-    teacher_res=32,
-    student_res=32,
-    pretrained=False,
-    epochs=8,
-    lr=0.02,
-    lr_custom=0.01,
-    batch_size=16,
-    mu=3,
-    labels="160",
-    image_size=32,
-    synthetic_size=1600,
-    demo_teacher_steps=240,
-)
+DEMO = (  # --dataset synthetic: the offline demo's settings, as flags (any flag given on the command line wins)
+    '--teacher vit_tiny_patch16_224 --teacher-kwargs {"depth":4,"patch_size":16} --teacher-res 32 --no-pretrained '
+    "--student mobilenetv3_small_050 --student-res 32 --image-size 32 --synthetic-size 1600 --labels 160 --epochs 8 "
+    "--batch-size 16 --mu 3 --lr 0.02 --lr-custom 0.01 --demo-teacher-steps 240"
+).split()
 DEMO_CLASSES = 40  # the demo's generated classes: the student's task
 DEMO_TEACHER_CLASSES = 100  # other generated classes, which the demo models are pre-trained on
 DEMO_TEACHER_IMAGES = 4000
@@ -352,17 +325,15 @@ def flag(dest):
 
 def num(kind, lo, hi, open_lo=False):
     """argparse type: an int or float in [lo, hi] ((lo, hi] with open_lo); NaN fails every comparison."""
-    what = "a whole number" if kind is int else "a number"
-    bounds = f"{'(' if open_lo else '['}{lo}, {hi}]"
+    what = f"{'a whole number' if kind is int else 'a number'} in {'(' if open_lo else '['}{lo}, {hi}]"
 
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             v = math.nan
-        above = v > lo if open_lo else v >= lo
-        if not (above and v <= hi):
-            raise argparse.ArgumentTypeError(f"expected {what} in {bounds}, got {s!r}")
+        if not ((v > lo if open_lo else v >= lo) and v <= hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
         return v
 
     return parse
@@ -371,7 +342,7 @@ def num(kind, lo, hi, open_lo=False):
 def build_parser():
     p = argparse.ArgumentParser(
         description="CustomKD: customize a frozen foundation teacher to a student, then distil",
-        epilog=f"--dataset synthetic (the offline demo) sets {DEMO}",
+        epilog=f"--dataset synthetic (the offline demo) sets: {' '.join(DEMO)}",
     )
     p.error = fail  # one line, exit 2, instead of argparse's usage dump
     count = num(int, 1, 10**6)
@@ -443,7 +414,7 @@ def parse_args(argv=None):
         hint = f"; did you mean {near[0]}?" if near else ""
         p.error(f"unrecognized argument {unknown[0]!r}{hint}")
     if args.dataset == "synthetic":  # the demo's settings, unless given on the command line
-        p.set_defaults(**DEMO)
+        p.set_defaults(**vars(p.parse_args(DEMO)))
         args = p.parse_known_args(argv)[0]
     for k in ("teacher_kwargs", "student_kwargs"):  # JSON text -> dict, so that spacing never matters
         kwargs = getattr(args, k)
@@ -502,10 +473,8 @@ def load_cifar(name, root, train):
         ds = cls(root, train=train, download=not offline)
     except Exception as e:
         why = "HF_HUB_OFFLINE=1 is set" if offline else f"{type(e).__name__}: {e}"
-        raise Abort(
-            f"{name} is not in --data-dir {root!r} and could not be downloaded ({why}); put {cls.filename} "
-            f"(or the extracted {cls.base_folder}/ folder) in a folder and point --data-dir there"
-        ) from None
+        fix = f"put {cls.filename} (or the extracted {cls.base_folder}/) in a folder and point --data-dir there"
+        raise Abort(f"{name} is not in --data-dir {root!r} and could not be downloaded ({why}); {fix}") from None
     finally:
         socket.setdefaulttimeout(old_timeout)
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
@@ -546,10 +515,7 @@ def decode_folder(files, args):
     The file's name hashes every file's path, size and modification time, so a changed image is decoded again."""
     n, size = len(files), args.image_size
     nbytes = n * 3 * size * size
-    stats = []
-    for f in files:
-        st = os.stat(f)
-        stats.append((f, st.st_size, st.st_mtime_ns))
+    stats = [(f, st.st_size, st.st_mtime_ns) for f, st in zip(files, map(os.stat, files))]
     key = hashlib.sha1(json.dumps([stats, size]).encode()).hexdigest()[:16]
     folder = os.path.basename(os.path.dirname(os.path.dirname(files[0])))
     path = os.path.join(args.cache_dir, f"{folder}-{size}px-{key}.u8")
@@ -573,11 +539,8 @@ def decode_folder(files, args):
             if bad:  # every one named: in the message when few, else in a file
                 listed = os.path.join(args.cache_dir, "unreadable.txt")
                 save_atomic("".join(f"{b}\n" for b in bad), listed)
-                more = ", ..." if len(bad) > 3 else ""
-                raise Abort(
-                    f"{len(bad)} image file(s) cannot be read: {', '.join(bad[:3])}{more} (all {len(bad)} listed "
-                    f"in {listed}); remove or replace them"
-                )
+                some = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+                raise Abort(f"{len(bad)} image file(s) cannot be read: {some} (all in {listed}): remove or replace")
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -597,9 +560,8 @@ def load_data(args):
         y = torch.cat([torch.arange(n + n_test) % DEMO_CLASSES, y_other])
         x = make_synthetic(y, args.image_size, DEMO_CLASSES + DEMO_TEACHER_CLASSES)
         data = dict(train_x=x[:n], train_y=y[:n], test_x=x[n : n + n_test], test_y=y[n : n + n_test])
-        return data | dict(
-            classes=[str(k) for k in range(DEMO_CLASSES)], teacher_x=x[n + n_test :], teacher_y=y[n + n_test :]
-        )
+        data.update(teacher_x=x[n + n_test :], teacher_y=y[n + n_test :])  # the pre-training images
+        return data | dict(classes=[str(k) for k in range(DEMO_CLASSES)])
     if args.dataset.startswith("cifar"):
         x, y, classes = load_cifar(args.dataset, args.data_dir, True)
         test_x, test_y, _ = load_cifar(args.dataset, args.data_dir, False)
@@ -614,10 +576,8 @@ def load_data(args):
     train = {os.path.join(os.path.realpath(args.train_dir), name) for name in names}
     shared = [f for f in test_files if os.path.realpath(f) in train]
     if shared:
-        raise Abort(
-            f"--test-dir {args.test_dir!r} holds {len(shared)} of the --train-dir images (e.g. {shared[0]}); "
-            f"test images must not be training images"
-        )
+        which = f"{len(shared)} of the --train-dir images (e.g. {shared[0]})"
+        raise Abort(f"--test-dir {args.test_dir!r} holds {which}; test images must not be training images")
     data = dict(train_files=files, train_y=torch.tensor(y), test_files=test_files, test_y=torch.tensor(test_y))
     return data | dict(classes=classes, names=names)  # names: the --train-dir images, relative to it
 
@@ -625,19 +585,14 @@ def load_data(args):
 def parse_labels(spec):
     """'10pct' -> ('pct', 10.0); '400' -> ('count', 400); 'all' -> ('all', 1). Raises Abort on nonsense."""
     s = str(spec).strip().lower()
-    kind, v = None, math.nan
-    try:
-        if s == "all":
-            kind, v = "all", 1
-        elif s.endswith("pct"):
-            kind, v = "pct", float(s[:-3])
-        else:
-            kind, v = "count", int(s)
-    except ValueError:
-        pass
-    if not (v > 0 and (kind != "pct" or v <= 100)):
-        raise Abort(f"--labels {spec!r}: expected a percentage in (0, 100] ('10pct'), a count or 'all'")
-    return kind, v
+    pct = re.fullmatch(r"(\d*\.?\d+)pct", s)
+    if s == "all":
+        return "all", 1
+    if pct and 0 < float(pct[1]) <= 100:
+        return "pct", float(pct[1])
+    if s.isdigit() and int(s) > 0:
+        return "count", int(s)
+    raise Abort(f"--labels {spec!r}: expected a percentage in (0, 100] ('10pct'), a count or 'all'")
 
 
 def split_labeled(targets, labels, num_classes, seed):
@@ -650,12 +605,7 @@ def split_labeled(targets, labels, num_classes, seed):
     chosen = []
     for c in range(num_classes):
         idx = (targets == c).nonzero().flatten()
-        if kind == "all":
-            k = len(idx)
-        elif kind == "count":
-            k = v // num_classes
-        else:
-            k = round(len(idx) * v / 100)
+        k = {"all": len(idx), "count": v // num_classes, "pct": round(len(idx) * v / 100)}[kind]
         if k < 1 or k > len(idx):
             raise Abort(f"--labels {labels}: class {c} has {len(idx)} images, so it would get {k} labeled ones")
         chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
@@ -674,10 +624,8 @@ def read_labeled_list(path, names):
         raise Abort(f"--labeled-list {path}: no names in it")
     missing = [w for w in wanted if where.get(w) is None]
     if missing:
-        raise Abort(
-            f"--labeled-list {path}: {len(missing)} name(s) are not in --train-dir or are ambiguous, "
-            f"e.g. {missing[0]!r}"
-        )
+        e_g = f"e.g. {missing[0]!r}"
+        raise Abort(f"--labeled-list {path}: {len(missing)} name(s) are not in --train-dir or are ambiguous, {e_g}")
     return torch.tensor(sorted({where[w] for w in wanted}))
 
 
@@ -720,26 +668,11 @@ def augment(pool, plan, device):
     return x[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def model_view(model, res, device, channels_last):
-    """The input one model sees: resized to its own size, normalised with its own mean/std (its timm config)."""
-    cfg = timm.data.resolve_model_data_config(model)
-    mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1) * 255
-
-    def view(x):  # float (B, 3, H, W) in [0, 255] -> normalised (B, 3, res, res)
-        if x.shape[-1] != res:
-            x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=x.shape[-1] > res)
-        x = (x - mean) / std
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    return view
-
-
-def fits(nbytes, device):
-    """Whether nbytes fit in 40 % of a GPU's free memory. On a CPU, data stay where they are (mapped files too)."""
-    return device.type == "cuda" and nbytes <= 0.4 * torch.cuda.mem_get_info(device)[0]
+def to_device_if_fits(t, device):
+    """t on a GPU when it fits in 40 % of the GPU's free memory; else t where it is (host memory, a mapped file)."""
+    if device.type == "cuda" and t.nbytes <= 0.4 * torch.cuda.mem_get_info(device)[0]:
+        return t.to(device)
+    return t
 
 
 # ================================================================ 5. models
@@ -763,12 +696,8 @@ def create_model(args, role, num_classes):
         why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         if isinstance(e, TypeError) or not (weights or args.pretrained):
             raise Abort(f"--{role} {name} with --{role}-kwargs {json.dumps(kwargs)}: {why}") from None
-        if weights:
-            raise Abort(f"--{role}-weights {weights}: timm cannot load it ({why})") from None
-        raise Abort(
-            f"could not load pretrained weights for {name} ({type(e).__name__}): offline? use --no-pretrained, "
-            f"local files (--teacher-weights/--student-weights), or HF_HUB_OFFLINE=1 with a filled hub cache"
-        ) from None
+        hint = "" if weights else "; offline? --no-pretrained, --teacher-weights/--student-weights, or HF_HUB_OFFLINE=1"
+        raise Abort(f"--{role} {name}: cannot load its weights from {weights or 'the hub'} ({why}){hint}") from None
 
 
 def features(model, x):
@@ -791,27 +720,35 @@ class StudentSide(nn.Module):
         return f_s, logits, f_s_projected
 
 
-def check_model(model, role, res, device, channels_last):
-    """A teacher or student has the methods this file calls and takes its input size. -> its feature width d"""
-    need = (
-        ("forward_features", "forward_head", "get_classifier")
-        if role == "student"
-        else ("forward_features", "forward_head")
-    )
+def prepare_model(model, role, res, device, channels_last):
+    """Checks a teacher or student (the methods this file calls, its input side), moves it to the device. -> the
+    width d of its feature, and its view: the input it sees, resized to its side and normalised with its own mean
+    and std (its timm config)."""
+    need = ("forward_features", "forward_head") + (("get_classifier",) if role == "student" else ())
     missing = [m for m in need if not callable(getattr(model, m, None))]
     if missing:
-        raise Abort(
-            f"--{role} {type(model).__name__} has no {', '.join(missing)}: a {role} needs {', '.join(need)} "
-            f"(forward_head(x, pre_logits=True): the pooled feature)"
-        )
+        needs = f"a {role} needs {', '.join(need)} (forward_head(x, pre_logits=True): the pooled feature)"
+        raise Abort(f"--{role} {type(model).__name__} has no {', '.join(missing)}: {needs}")
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     try:  # shapes from a dummy forward, in eval mode so BatchNorm statistics stay untouched
         with torch.no_grad():
-            return features(model.eval(), torch.zeros(1, 3, res, res, device=device)).shape[1]
+            d = features(model.eval(), torch.zeros(1, 3, res, res, device=device)).shape[1]
     except Exception as e:
         raise Abort(f"--{role} cannot take --{role}-res {res}: {(str(e).splitlines() or [''])[0]}") from None
+    cfg = timm.data.resolve_model_data_config(model)
+    mean, std = (torch.tensor(cfg[k], device=device).view(1, 3, 1, 1) * 255 for k in ("mean", "std"))
+
+    def view(x):  # float (B, 3, H, W) in [0, 255] -> normalised (B, 3, res, res)
+        if x.shape[-1] != res:
+            x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=x.shape[-1] > res)
+        x = (x - mean) / std
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    return d, view
 
 
 def build(kd, num_classes, teacher=None, student=None):
@@ -824,11 +761,9 @@ def build(kd, num_classes, teacher=None, student=None):
             student = create_model(args, "student", num_classes)
         if teacher is None and use_teacher:
             teacher = create_model(args, "teacher", 0)
-    kd.d_s = check_model(student, "student", args.student_res, device, kd.bf16)  # channels_last with bf16
-    kd.view_s = model_view(student, args.student_res, device, kd.bf16)
+    kd.d_s, kd.view_s = prepare_model(student, "student", args.student_res, device, kd.bf16)  # channels_last: bf16
     if use_teacher:
-        kd.d_t = check_model(teacher, "teacher", args.teacher_res, device, kd.bf16)
-        kd.view_t = model_view(teacher, args.teacher_res, device, kd.bf16)
+        kd.d_t, kd.view_t = prepare_model(teacher, "teacher", args.teacher_res, device, kd.bf16)
     kd.student = student
     if kd.head(torch.zeros(1, kd.d_s, device=device)).shape[-1] != num_classes:
         raise Abort(f"the student head must output {num_classes} classes")
@@ -853,10 +788,9 @@ def pretrain_demo_models(kd, x, y, steps, own=()):
     """Demo only: the teacher (`steps`) and the student (half) first learn other classes through a temporary linear
     head (Adam at lr 1e-3 and 3e-3, batches of 64), as a foundation model and an ImageNet student; `own`: as given."""
     say(f"customkd: pre-training the demo models on {len(x)} images of other classes (a fixed pair, whatever --seed)")
-    recipes = []  # (model, its view, its width, steps, seed, Adam's rate)
-    if kd.teacher is not None:
-        recipes.append((kd.teacher, kd.view_t, kd.d_t, steps, 0, 1e-3))
-    recipes.append((kd.student, kd.view_s, kd.d_s, steps // 2, 1, 3e-3))
+    recipes = [(kd.student, kd.view_s, kd.d_s, steps // 2, 1, 3e-3)]  # (model, view, width, steps, seed, Adam's lr)
+    if kd.teacher is not None:  # the teacher first
+        recipes.insert(0, (kd.teacher, kd.view_t, kd.d_t, steps, 0, 1e-3))
     for model, view, d, n, seed, lr in recipes:
         if any(model is m for m in own):
             continue
@@ -886,23 +820,65 @@ def teacher_features(kd, plan=None, x=None):
 
 
 def build_teacher_cache(kd, with_train):
-    """Teacher features, once, over the processes: test images; with --teacher-cache training images and flips."""
+    """Teacher features, once, over the processes: of the test images; with --teacher-cache also of every training
+    image and of its mirror image, kept in --cache-dir (teacher_cache_file) and read back by later runs."""
     t0 = clock(kd.device)
     dtype = torch.bfloat16 if kd.bf16 else torch.float32
-    say(f"customkd: teacher features of {len(kd.x_test)} test images{' and of the training images' * with_train}")
 
     def rows(x, views, i, j):  # -> (j - i, views, d_t): each image, and with 2 views its mirror image too
         v = x[i:j].to(kd.device).float()
         return torch.stack([teacher_features(kd, x=v.flip(-1) if flip else v) for flip in range(views)], 1).to(dtype)
 
-    def cache(x, views, name):
-        place = kd.device if fits(len(x) * views * kd.d_t * dtype.itemsize, kd.device) else torch.device("cpu")
-        return sharded_rows(len(x), kd.batch_eval, partial(rows, x, views), kd.device, place, name).flatten(0, 1)
+    def compute(x, views, what):  # -> (views * N, d_t), gathered on the host, then on the device if it fits there
+        out = sharded_rows(len(x), kd.batch_eval, partial(rows, x, views), kd.device, torch.device("cpu"), what)
+        return to_device_if_fits(out.flatten(0, 1), kd.device)
 
-    kd.cache_test = cache(kd.x_test, 1, "teacher (cache_test)")  # (N_test, d_t)
-    if with_train:
-        kd.cache_train = cache(kd.x_pool, 2, "teacher (cache_train)")  # (2 N, d_t): image i at 2i, its flip at 2i+1
+    path = teacher_cache_file(kd, dtype) if with_train else None
+    saved = read_teacher_cache(kd, path) if with_train else None
+    if saved is not None:
+        say(f"customkd: teacher features read from {path}, computed by an earlier run")
+        kd.cache_test = to_device_if_fits(saved["cache_test"], kd.device)
+        kd.cache_train = to_device_if_fits(saved["cache_train"], kd.device)  # image i at row 2i, its mirror at 2i+1
+    else:
+        also = f" and of the training images and their mirror images, once, into {path}" if with_train else ""
+        say(f"customkd: teacher features of {len(kd.x_test)} test images{also}")
+        kd.cache_test = compute(kd.x_test, 1, "teacher (test images)")  # (N_test, d_t)
+        if with_train:
+            kd.cache_train = compute(kd.x_pool, 2, "teacher (training images)")
+            if PROC.rank == 0:
+                os.makedirs(kd.args.cache_dir, exist_ok=True)
+                save_atomic({"cache_train": kd.cache_train.cpu(), "cache_test": kd.cache_test.cpu()}, path)
     kd.time_cache = clock(kd.device) - t0
+
+
+def teacher_cache_file(kd, dtype):
+    """--teacher-cache's file: its name hashes all that decides the features (the teacher's name, arguments, weights
+    and buffers, input side and normalisation; the precision; the images), so that nothing stale is ever reused."""
+    cfg = timm.data.resolve_model_data_config(kd.teacher)
+    about = [kd.args.teacher, kd.args.teacher_kwargs, kd.args.teacher_res, cfg["mean"], cfg["std"], str(dtype)]
+    h = hashlib.sha1(json.dumps(about + ["pre-logits of each image and its mirror image"]).encode())
+    for name, t in sorted(kd.teacher.state_dict().items()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for x in (kd.x_pool, kd.x_test):  # a decoded folder by its array's name (a hash of the image files), else pixels
+        mapped = x.untyped_storage().filename if x.device.type == "cpu" else None
+        h.update(os.path.basename(mapped).encode() if mapped else x.cpu().contiguous().numpy())
+    name = "".join(c if c.isalnum() else "_" for c in kd.args.teacher)
+    return os.path.join(kd.args.cache_dir, f"teacher-{name}-{kd.args.teacher_res}px-{h.hexdigest()[:16]}.pt")
+
+
+def read_teacher_cache(kd, path):
+    """The features an earlier run wrote to path, or None (no file, cut short, other shapes): on every process."""
+    saved = None
+    if os.path.exists(path):
+        try:  # weights_only: never runs pickled code; mmap: read as used
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            shapes = (saved["cache_train"].shape, saved["cache_test"].shape)
+            assert shapes == ((2 * len(kd.x_pool), kd.d_t), (len(kd.x_test), kd.d_t))
+        except Exception:
+            saved = None
+    everywhere = all_reduce(torch.tensor(int(saved is not None), device=kd.device), dist.ReduceOp.MIN)
+    return saved if everywhere.item() else None
 
 
 # ================================================================ 6. several processes (torchrun)
@@ -953,9 +929,8 @@ def sharded_rows(n, batch, fn, device, out_device, what):
     m = math.ceil(n / PROC.world)
     lo = min(n, PROC.rank * m)
     hi = min(n, PROC.rank * m + m)
-    local = torch.cat(
-        [fn(i, min(i + batch, hi)).to(out_device) for i in progress(range(lo, hi, batch), what, hi - lo, batch)]
-    )
+    starts = progress(range(lo, hi, batch), what, hi - lo, batch)
+    local = torch.cat([fn(i, min(i + batch, hi)).to(out_device) for i in starts])
     if PROC.world == 1:
         return local
     parts = [torch.empty(m, *local.shape[1:], dtype=local.dtype, device=device) for _ in range(PROC.world)]
@@ -997,11 +972,12 @@ def setup(args, teacher=None, student=None):
     kd.unlabeled_idx = torch.arange(first_unlabeled, len(data["train_x"]))
     if ckpt is not None and not torch.equal(ckpt["labeled_idx"], kd.labeled_idx):
         raise Abort("--resume: the labeled split differs from the checkpoint's (different data?)")
-    kd.x_pool = data["train_x"].to(device) if fits(data["train_x"].numel(), device) else data["train_x"]
-    kd.x_test = data["test_x"].to(device) if fits(data["test_x"].numel(), device) else data["test_x"]
+    kd.x_pool = to_device_if_fits(data["train_x"], device)
+    kd.x_test = to_device_if_fits(data["test_x"], device)
     kd.y_pool = data["train_y"].to(device)
     kd.y_test = data["test_y"].to(device)
-    kd.cka_idx = torch.randperm(len(kd.x_test), generator=torch.Generator().manual_seed(0))[: args.cka_samples]
+    kd.pad = kd.x_pool.shape[-1] // 8
+    kd.batch_eval = args.batch_size * (1 + args.mu)
     if args.demo_teacher_steps:
         pretrain_demo_models(kd, data["teacher_x"], data["teacher_y"], args.demo_teacher_steps, (teacher, student))
     params = list(kd.student.parameters())
@@ -1029,12 +1005,11 @@ def setup(args, teacher=None, student=None):
                 os.remove(out_file(args, name))
     if kd.teacher is not None:  # test features always (the teacher is frozen); train features with --teacher-cache
         build_teacher_cache(kd, args.teacher_cache)
-    teacher_name = args.teacher if kd.teacher is not None else "no teacher"
-    say(
-        f"customkd: {args.dataset} {num_classes} classes, {len(kd.labeled_idx)} labeled / {len(kd.unlabeled_idx)} "
-        f"unlabeled / {len(kd.x_test)} test | {args.student} <- {teacher_name} | {device.type} x {PROC.world}, "
-        f"{'bf16' if kd.bf16 else 'fp32'} | teacher features in {kd.time_cache:.1f}s"
-    )
+    sizes = f"{len(kd.labeled_idx)} labeled / {len(kd.unlabeled_idx)} unlabeled / {len(kd.x_test)} test"
+    models = f"{args.student} <- {args.teacher if kd.teacher is not None else 'no teacher'}"
+    machine = f"{device.type} x {PROC.world}, {'bf16' if kd.bf16 else 'fp32'}"
+    cache = f"teacher features in {kd.time_cache:.1f}s"
+    say(f"customkd: {args.dataset} {num_classes} classes, {sizes} | {models} | {machine} | {cache}")
     return kd
 
 
@@ -1051,13 +1026,11 @@ def epoch_means(kd, epoch, log):
     if bad.any():
         first = bad.any(0).nonzero()[0, 0]  # the first step with a non-finite term: those terms are named
         culprits = [k for k, b in zip(terms, bad[:, first]) if b]
-        kept = f"the checkpoint of epoch {epoch} in {kd.args.out_dir} is kept" if epoch else "no checkpoint was written"
-        then = ", then --resume" if epoch else ""
-        raise Abort(
-            f"{' and '.join(culprits)} became non-finite in epoch {epoch + 1}; stopped; {kept} "
-            f"(lower --lr or that loss weight{then})",
-            3,
-        )
+        kept = "no checkpoint was written (lower --lr or that loss weight)"
+        if epoch:
+            kept = f"the checkpoint of epoch {epoch} in {kd.args.out_dir} is kept"
+            kept += " (lower --lr or that loss weight, then --resume)"
+        raise Abort(f"{' and '.join(culprits)} became non-finite in epoch {epoch + 1}; stopped; {kept}", 3)
     return {k: v.mean().item() for k, v in terms.items()}
 
 
@@ -1110,24 +1083,21 @@ def summarise(kd):
     if PROC.rank == 0:
         save_atomic(kd.sample, out_file(kd.args, "features.pt"))  # f_s, f_t, f_t_custom, y: CKA's sample
         save_atomic(json.dumps(summary, indent=2) + "\n", out_file(kd.args, "summary.json"))
-    say(
-        f"customkd: last-epoch student accuracy {summary['acc_student_last']:.4f} (best epoch: "
-        f"{summary['acc_student_best']:.4f}); wall {summary['wall_time_s']:.0f}s; outputs in {kd.args.out_dir}"
-    )
+    accuracy = f"{summary['acc_student_last']:.4f} (best epoch: {summary['acc_student_best']:.4f})"
+    wall = f"{summary['wall_time_s']:.0f}s"
+    say(f"customkd: last-epoch student accuracy {accuracy}; wall {wall}; outputs in {kd.args.out_dir}")
     return summary
 
 
 def save_atomic(obj, path):
     """Write a temporary file, fsync, rename: a crash or a full disk never breaks `path`. str: text, else torch.save."""
     tmp = f"{path}.tmp"
+    data = io.BytesIO(obj.encode() if isinstance(obj, str) else b"")
+    if not isinstance(obj, str):
+        torch.save(obj, data)  # serialised in memory, then written at once
     try:
         with open(tmp, "wb") as f:
-            if isinstance(obj, str):
-                f.write(obj.encode())
-            else:
-                buffer = io.BytesIO()  # serialised in memory, then written at once
-                torch.save(obj, buffer)
-                f.write(buffer.getbuffer())
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1135,12 +1105,9 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            folder = os.path.dirname(path) or "."
-            free = shutil.disk_usage(folder).free / 2**20
-            raise Abort(
-                f"{folder} is full ({free:.0f} MB free) writing {os.path.basename(path)}; any earlier "
-                f"{os.path.basename(path)} is intact: free space, then run again (a run: --resume)"
-            ) from None
+            folder, name = os.path.split(path)
+            free = f"{shutil.disk_usage(folder or '.').free / 2**20:.0f} MB free"
+            raise Abort(f"{folder} is full ({free}) writing {name}; any earlier {name} is intact: free space, --resume")
         raise
 
 
@@ -1158,10 +1125,8 @@ def load_checkpoint(args):
         raise Abort(f"--resume: no readable CustomKD checkpoint at {path} ({type(e).__name__})") from None
     for k in IDENTITY:
         if ckpt["identity"].get(k) != getattr(args, k):
-            raise Abort(
-                f"--resume: {path} was written with {flag(k)} {ckpt['identity'].get(k)}, not {getattr(args, k)}; "
-                f"use the original value or another --out-dir"
-            )
+            was = f"{flag(k)} {ckpt['identity'].get(k)}, not {getattr(args, k)}"
+            raise Abort(f"--resume: {path} was written with {was}; use the original value or another --out-dir")
     return ckpt
 
 
@@ -1172,11 +1137,10 @@ def console_line(row, epochs):
         return format(row[key], spec) if row[key] is not None else "-".rjust(len(format(0.0, spec)))
 
     return (
-        f"epoch {row['epoch']:3d}/{epochs} | L_cust {v('loss/customize', '6.3f')} | "
-        f"L_f~t {v('loss/feat_custom', '7.4f')} L_ft {v('loss/feat_general', '7.4f')} L_L {v('loss/sup', '6.3f')} "
-        f"L_U {v('loss/entropy', '6.3f')} | acc {v('acc/student', '.4f')} "
-        f"teacher_custom {v('acc/teacher_custom', '.4f')} | "
-        f"cka f~t {v('cka/student_vs_custom', '.3f')} f_t {v('cka/student_vs_teacher', '.3f')} | "
+        f"epoch {row['epoch']:3d}/{epochs} | L_cust {v('loss/customize', '6.3f')} | L_f~t "
+        f"{v('loss/feat_custom', '7.4f')} L_ft {v('loss/feat_general', '7.4f')} L_L {v('loss/sup', '6.3f')} L_U "
+        f"{v('loss/entropy', '6.3f')} | acc {v('acc/student', '.4f')} teacher_custom {v('acc/teacher_custom', '.4f')} "
+        f"| cka f~t {v('cka/student_vs_custom', '.3f')} f_t {v('cka/student_vs_teacher', '.3f')} | "
         f"{v('time/distill_s', '6.1f')}s {v('throughput/distill_img_s', '6.0f')} img/s {v('mem/peak_mb', '6.0f')} MB"
     )
 
@@ -1226,12 +1190,8 @@ def main(argv=None, teacher=None, student=None):
         fail(f"another torchrun process failed ({type(e).__name__}); checkpoint.pt is intact: add --resume", 1)
     except Exception as e:
         traceback.print_exc()
-        fail(
-            f"unexpected {type(e).__name__} (traceback above): a bug, in this file or in code you passed to it, or a "
-            f"fault of the machine (out of memory: lower --batch-size or add --precision bf16; a driver or disk "
-            f"error); please report it with the command and the traceback",
-            1,
-        )
+        what = "a bug (in this file or in code you passed to it) or a fault of the machine"
+        fail(f"unexpected {type(e).__name__} (traceback above): {what}; out of memory? lower --batch-size", 1)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -46,6 +46,15 @@ TINY = [
     "--demo-teacher-steps",
     "0",
 ]  # 40 classes of 5 images, one of them labeled; 200 test images
+SMALL_MODELS = [
+    "--no-pretrained",
+    "--teacher",
+    "vit_tiny_patch16_224",
+    "--teacher-kwargs",
+    '{"depth": 1, "patch_size": 8}',
+]
+SMALL_MODELS += ["--student", "mobilenetv3_small_050", "--teacher-res", "32", "--student-res", "32"]  # 32 px, random
+RUN_FILES = ["args.json", "checkpoint.pt", "features.pt", "metrics.jsonl", "student.pt", "summary.json"]
 VOLATILE = ("time/", "throughput/", "mem/")  # wall-clock measurements differ between runs by nature
 WEIGHTS = {"loss/feat_custom": 1.0, "loss/feat_general": 1.0, "loss/sup": 1.0, "loss/entropy": 1.0}
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=HERE)
@@ -221,7 +230,7 @@ def test_projector_ends_with_student_activation(tmp_path):
 
 def test_teacher_cache_equals_fresh_features(tmp_path):
     kd = tiny_kd(tmp_path)
-    (kd.x_pool, kd.x_test), kd.args.batch_size, kd.args.mu = (kd.x_pool[:30], kd.x_test[:10]), 4, 1  # 8 a batch
+    kd.x_pool, kd.x_test, kd.batch_eval = kd.x_pool[:30], kd.x_test[:10], 8  # 8 images a batch
     ck.build_teacher_cache(kd, with_train=True)
     assert kd.cache_train.shape == (60, 192) and kd.cache_test.shape == (10, 192)
     assert kd.cache_train.dtype == torch.float32  # fp32 run: fp32 cache
@@ -294,14 +303,7 @@ def demo(tmp_path_factory):
 def test_demo_writes_every_output_and_learns(demo):
     code, summary, out = demo
     assert code == 0
-    assert sorted(os.listdir(out)) == [
-        "args.json",
-        "checkpoint.pt",
-        "features.pt",
-        "metrics.jsonl",
-        "student.pt",
-        "summary.json",
-    ]
+    assert sorted(os.listdir(out)) == RUN_FILES
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert set(lines[-1]) == set(ck.METRIC_KEYS) and all(lines[-1][k] is not None for k in ck.METRIC_KEYS)
@@ -405,6 +407,77 @@ def test_teacher_cache_run(tmp_path):
     assert code == 0 and summary["acc_teacher_custom_last"] is not None and summary["time/teacher_cache_s"] > 0
 
 
+class CountingTeacher(nn.Module):
+    """A teacher (not from timm) that counts the images it is asked for: 1 is the dummy forward that sizes f_t."""
+
+    def __init__(self, seed=0, width=24):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.ReLU())
+        self.images = 0
+
+    def forward_features(self, x):
+        self.images += len(x)
+        return self.body(x)
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean((2, 3))
+
+
+def cache_run(tmp_path, name, *extra, teacher=None, capsys=None):
+    """A 1-epoch --teacher-cache run into tmp/cache -> (exit code, the images the teacher saw, console)."""
+    teacher = teacher or CountingTeacher()
+    argv = TINY + ["--epochs", "1", "--teacher-cache", "--cache-dir", str(tmp_path / "cache"), *extra]
+    code, _, _ = run_main(argv + ["--out-dir", str(tmp_path / name)], teacher=teacher)
+    out = capsys.readouterr().out if capsys else ""
+    return code, teacher.images, out
+
+
+def test_teacher_cache_outlives_the_run_and_is_reused_for_any_seed_split_or_weights(tmp_path, capsys):
+    code, seen, out = cache_run(tmp_path, "first", capsys=capsys)
+    assert code == 0 and seen == 1 + 200 * 2 + 200  # the dummy forward, each training image and its flip, the test
+    (path,) = (tmp_path / "cache").glob("teacher-CountingTeacher-32px-*.pt")
+    assert f"once, into {path}" in out
+    saved = torch.load(path, weights_only=True)
+    assert saved["cache_train"].shape == (400, 24) and saved["cache_test"].shape == (200, 24)
+    for i, extra in enumerate([[], ["--seed", "3"], ["--split-seed", "2"], ["--w-general", "0", "--w-sup", "2"]]):
+        code, seen, out = cache_run(tmp_path, f"again{i}", *extra, capsys=capsys)
+        assert code == 0 and seen == 1 and f"teacher features read from {path}" in out, extra  # the dummy forward
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_teacher_cache_is_never_stale(tmp_path, capsys):
+    assert cache_run(tmp_path, "first")[:2] == (0, 601)
+    weights = tmp_path / "t.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", depth=1, patch_size=8, img_size=32).state_dict(), weights)
+    timm_teacher = ["--teacher", "vit_tiny_patch16_224", "--teacher-kwargs", '{"depth": 1, "patch_size": 8}']
+    changes = {  # each a teacher, weights, images or side the cache has not seen: the teacher runs again
+        "other weights": dict(teacher=CountingTeacher(seed=1)),
+        "other side": dict(extra=["--teacher-res", "24"]),
+        "other images": dict(extra=["--synthetic-size", "160"]),
+        "other precision": dict(extra=["--precision", "bf16"]),
+    }
+    for i, (what, change) in enumerate(changes.items()):
+        extra, teacher = change.get("extra", []), change.get("teacher")
+        code, seen, out = cache_run(tmp_path, f"r{i}", *extra, teacher=teacher, capsys=capsys)
+        assert code == 0 and seen > 1 and "once, into" in out, what
+    for i, extra in enumerate([timm_teacher, timm_teacher + ["--teacher-weights", str(weights)]]):  # a weight file
+        argv = TINY + ["--epochs", "1", "--teacher-cache", "--cache-dir", str(tmp_path / "cache"), *extra]
+        code, _, _ = run_main(argv + ["--out-dir", str(tmp_path / f"w{i}")])
+        assert code == 0 and "once, into" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 1 + len(changes) + 2
+
+
+def test_teacher_cache_cut_short_is_computed_again(tmp_path, capsys):
+    cache_run(tmp_path, "first")
+    (path,) = (tmp_path / "cache").glob("teacher-*.pt")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # an interrupted copy, a full disk
+    code, seen, out = cache_run(tmp_path, "again", capsys=capsys)
+    assert code == 0 and seen == 601 and "once, into" in out and path.stat().st_size == len(whole)
+    assert cache_run(tmp_path, "third")[1] == 1  # whole again: read back
+
+
 def test_progress_prints_once_a_minute(monkeypatch, capsys):
     clock = iter([0.0, 5.0, 11.0, 30.0, 75.0, 130.0, 140.0])
     monkeypatch.setattr(ck.time, "time", lambda: next(clock))
@@ -436,7 +509,7 @@ def test_bf16_on_the_cpu_runs_the_gpu_lines(tmp_path):
     for k in WEIGHTS:  # the same first-step losses within 3 %, but not bit-equal: bf16 did run
         assert terms["bf16"][k].item() == pytest.approx(terms["fp32"][k].item(), rel=0.03), k
         assert terms["bf16"][k].item() != terms["fp32"][k].item(), k
-    (kd16.x_pool, kd16.x_test), kd16.args.batch_size, kd16.args.mu = (kd16.x_pool[:20], kd16.x_test[:8]), 4, 1
+    kd16.x_pool, kd16.x_test, kd16.batch_eval = kd16.x_pool[:20], kd16.x_test[:8], 8
     ck.build_teacher_cache(kd16, with_train=True)
     assert kd16.cache_train.dtype == kd16.cache_test.dtype == torch.bfloat16
     assert ck.teacher_features(kd16, torch.tensor([[3, 0, 0, 1]])).dtype == torch.float32
@@ -515,17 +588,7 @@ def test_cifar100_loads_from_torchvision_files(tmp_path, no_md5):
             "100",
             "--epochs",
             "1",
-            "--no-pretrained",
-            "--teacher",
-            "vit_tiny_patch16_224",
-            "--teacher-kwargs",
-            '{"depth": 1, "patch_size": 8}',
-            "--student",
-            "mobilenetv3_small_050",
-            "--teacher-res",
-            "32",
-            "--student-res",
-            "32",
+            *SMALL_MODELS,
             "--batch-size",
             "50",
             "--mu",
@@ -555,24 +618,8 @@ def test_cifar_download_failure_names_the_fix(tmp_path, capsys, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_net)
-    code, _, err = run_main(
-        [
-            "--dataset",
-            "cifar10",
-            "--no-pretrained",
-            "--student",
-            "mobilenetv3_small_050",
-            "--w-custom",
-            "0",
-            "--w-general",
-            "0",
-            "--data-dir",
-            str(tmp_path),
-            "--out-dir",
-            str(tmp_path / "r"),
-        ],
-        capsys,
-    )
+    argv = "--dataset cifar10 --no-pretrained --student mobilenetv3_small_050 --w-custom 0 --w-general 0".split()
+    code, _, err = run_main(argv + ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "URLError" in err and "cifar-10-python.tar.gz" in err and "cifar-10-batches-py" in err
 
 
@@ -643,6 +690,95 @@ def test_bring_your_own_models(tmp_path):
     assert saved["model"] == "TinyNet" and torch.equal(saved["state_dict"]["fc.weight"], student.fc.weight.cpu())
 
 
+# ------------------------------------------------------------------ the CIFAR ResNet teacher of docs/
+def docs_module(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "docs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cifar_resnet_loads_the_release_layout_strictly_and_names_every_failure(tmp_path, monkeypatch):
+    cr = docs_module("cifar_resnet")
+    release = cr.cifar_resnet.__globals__["CifarResNet"](9, 100, cr.NORMALISATION["cifar100"])  # random weights
+    keys = list(release.state_dict())
+    assert len(keys) == 1 + 5 + 3 * 9 * 2 * 6 + 2 * 6 + 2 and "layer2.0.downsample.0.weight" in keys  # ResNet-56
+    assert "layer1.0.downsample.0.weight" not in keys and release.fc.weight.shape == (100, 64)
+    good = tmp_path / "cifar100_resnet56.pt"
+    torch.save(release.state_dict(), good)
+    model = cr.cifar_resnet("cifar100_resnet56", weights=str(good), check_hash=False)
+    assert all(torch.equal(v, release.state_dict()[k]) for k, v in model.state_dict().items())
+    x = torch.randn(3, 3, 32, 32)
+    assert ck.features(model.eval(), x).shape == (3, 64) and model.get_classifier() is model.fc
+    assert timm.data.resolve_model_data_config(model)["std"] == (0.2673, 0.2564, 0.2761)
+    assert ck.prepare_model(model, "teacher", 32, CPU, False)[0] == 64  # what customkd asks of a teacher
+    other_keys = dict(release.state_dict(), extra=torch.zeros(1))
+    other_shapes = cr.CifarResNet(9, 10, cr.NORMALISATION["cifar10"]).state_dict()
+    failures = {
+        "other keys": (other_keys, "cifar100_resnet56", 'Unexpected key(s) in state_dict: "extra"'),
+        "other shapes": (other_shapes, "cifar100_resnet56", "size mismatch for fc.weight"),
+        "wrong hash": (release.state_dict(), "cifar100_resnet56", "not the release's f2eff4c8"),
+    }
+    for what, (state, name, message) in failures.items():
+        path = tmp_path / f"{what}.pt"
+        torch.save(state, path)
+        with pytest.raises(ck.Abort, match=re.escape(message)) as e:
+            cr.cifar_resnet(name, weights=str(path), check_hash=what == "wrong hash")
+        assert "\n" not in str(e.value), what
+    with pytest.raises(ck.Abort, match="no such weight file"):
+        cr.cifar_resnet("cifar100_resnet56", weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(ck.Abort, match="unknown CIFAR ResNet"):
+        cr.cifar_resnet("cifar100_resnet57")
+
+    def bad_download(url, **kw):  # what torch.hub raises when the downloaded file's SHA-256 is not in its name
+        assert url.endswith("/resnet/cifar100_resnet56-f2eff4c8.pt") and kw["check_hash"]
+        raise RuntimeError('invalid hash value (expected "f2eff4c8", got "00000000")')
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", bad_download)
+    with pytest.raises(ck.Abort, match="invalid hash value"):
+        cr.cifar_resnet("cifar100_resnet56")
+
+
+def test_real_photo_script_runs_its_rows_skips_finished_ones_and_pairs_seeds(tmp_path, monkeypatch, capsys):
+    repro = docs_module("cifar10_repro")
+    assert repro.paired({0: 0.5, 1: 0.7, 2: 0.1}, {0: 0.4, 1: 0.5}).startswith("+0.1500 ± 0.0707 (t = 3.00, ahead on 2")
+    classes = [f"c{i}" for i in range(10)]  # CIFAR-10's 10 classes, so that '4pc' is 40 labels
+    write_folder(tmp_path / "train", classes, 4, 0, size=(32, 32))
+    write_folder(tmp_path / "test", classes, 1, 1, size=(32, 32))
+    torch.save({"state_dict": timm.create_model("mobilenetv3_small_050").state_dict()}, tmp_path / "student.pt")
+    cr = docs_module("cifar_resnet")
+    monkeypatch.setattr(repro, "teacher", lambda a: cr.CifarResNet(1, 100, cr.NORMALISATION["cifar100"]))  # ResNet-8
+    argv = ["run", "--train-dir", str(tmp_path / "train"), "--test-dir", str(tmp_path / "test"), "--budget", "4pc"]
+    argv += ["--student-weights", str(tmp_path / "student.pt"), "--runs", str(tmp_path / "runs"), "--rows", "none"]
+    argv += ["full", "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache"), "--extra", "--epochs", "1"]
+    argv += ["--batch-size", "8", "--mu", "1", "--cka-samples", "0"]
+    repro.main(argv)
+    assert sorted(os.listdir(tmp_path / "runs")) == ["4pc-full-0", "4pc-full-1", "4pc-none-0", "4pc-none-1"]
+    args = json.load(open(tmp_path / "runs" / "4pc-full-1" / "args.json"))
+    assert args["labels"] == "40" and args["seed"] == 1 and args["w_ent"] == 0.1 and args["teacher_cache"]
+    assert args["epochs"] == 1 and json.load(open(tmp_path / "runs" / "4pc-none-0" / "args.json"))["w_custom"] == 0
+    capsys.readouterr()
+    repro.main(argv)
+    assert capsys.readouterr().out.count("done before, skipped") == 4
+    repro.main(["table", "--runs", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    acc = {}
+    for row in ("full", "none"):
+        for seed in (0, 1):
+            summary = json.load(open(tmp_path / "runs" / f"4pc-{row}-{seed}" / "summary.json"))
+            acc.setdefault(row, {})[seed] = summary["acc_student_last"]
+    assert f"full - none: {repro.paired(acc['full'], acc['none'])}" in out and "| full |" in out
+
+
+def test_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path, capsys):
+    docs_module("gpu_check").main(["--tiny", "--out", str(tmp_path / "gpu.md")])
+    table = (tmp_path / "gpu.md").read_text().splitlines()
+    assert table[0].startswith("GPU check: CPU") and "torch " in table[0] and table[2].startswith("| what |")
+    rows = [line.split(" | ") for line in table[4:]]
+    assert len(rows) == 1 + 4 and all(float(row[2]) > 0 for row in rows)  # a teacher, 4 stage-2 settings
+    assert rows[0][0].startswith("| teacher features, vit_tiny_patch16_224") and rows[3][1] == "fp32"
+
+
 # ------------------------------------------------------------------ folders of images
 def write_folder(root, classes, n, seed, size=(48, 40)):
     g = gen(seed)
@@ -672,17 +808,7 @@ def folder_args(tmp_path, *extra):
         "folder",
         "--image-size",
         "32",
-        "--teacher-res",
-        "32",
-        "--student-res",
-        "32",
-        "--no-pretrained",
-        "--teacher",
-        "vit_tiny_patch16_224",
-        "--teacher-kwargs",
-        '{"depth": 1, "patch_size": 8}',
-        "--student",
-        "mobilenetv3_small_050",
+        *SMALL_MODELS,
         "--epochs",
         "2",
         "--batch-size",
@@ -697,19 +823,15 @@ def folder_args(tmp_path, *extra):
     ]
 
 
+def src_args(tmp_path):
+    """The parsed flags of a run on the folder tmp/src (training and test: only decode_folder is exercised)."""
+    src = str(tmp_path / "src")
+    return ck.parse_args(folder_args(tmp_path, "--train-dir", src, "--test-dir", src, "--out-dir", str(tmp_path / "r")))
+
+
 def test_folder_is_decoded_once_into_a_mapped_array_and_reused(tmp_path, monkeypatch):
     write_folder(tmp_path / "src", ["cat", "dog"], 6, 0)
-    args = ck.parse_args(
-        folder_args(
-            tmp_path,
-            "--train-dir",
-            str(tmp_path / "src"),
-            "--test-dir",
-            str(tmp_path / "src"),
-            "--out-dir",
-            str(tmp_path / "r"),
-        )
-    )
+    args = src_args(tmp_path)
     x, y, classes, names = load_folder(tmp_path / "src", args)
     assert x.shape == (12, 3, 32, 32) and x.dtype == torch.uint8 and classes == ["cat", "dog"]
     assert y.tolist() == [0] * 6 + [1] * 6 and names[7] == os.path.join("dog", "1.png")
@@ -736,17 +858,7 @@ def test_folder_is_decoded_once_into_a_mapped_array_and_reused(tmp_path, monkeyp
 
 def test_interrupted_decode_leaves_nothing_that_is_reused(tmp_path, monkeypatch):
     write_folder(tmp_path / "src", ["cat", "dog"], 300, 0, size=(20, 20))
-    args = ck.parse_args(
-        folder_args(
-            tmp_path,
-            "--train-dir",
-            str(tmp_path / "src"),
-            "--test-dir",
-            str(tmp_path / "src"),
-            "--out-dir",
-            str(tmp_path / "r"),
-        )
-    )
+    args = src_args(tmp_path)
     real = ck.progress
 
     def interrupted(items, *a, **k):
@@ -777,7 +889,8 @@ def test_mapped_array_and_in_memory_runs_give_the_same_metrics(tmp_path, monkeyp
         "50pct",
         "--deterministic",
     )
-    assert not ck.fits(1, CPU)  # on a CPU the pool stays the mapped array file
+    one = torch.zeros(1)
+    assert ck.to_device_if_fits(one, CPU) is one  # on a CPU the pool stays the mapped array file
     assert run_main(common + ["--out-dir", str(tmp_path / "mapped")])[0] == 0
     real = ck.decode_folder
     monkeypatch.setattr(ck, "decode_folder", lambda *a, **k: real(*a, **k).clone())
@@ -835,18 +948,8 @@ def test_corrupt_images_are_one_line_naming_them(tmp_path, capsys):
     (tmp_path / "src" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     (tmp_path / "src" / "cat" / "empty.png").write_bytes(b"")
     write_folder(tmp_path / "test", ["cat", "dog"], 2, 1)
-    code, _, err = run_main(
-        folder_args(
-            tmp_path,
-            "--train-dir",
-            str(tmp_path / "src"),
-            "--test-dir",
-            str(tmp_path / "test"),
-            "--out-dir",
-            str(tmp_path / "r"),
-        ),
-        capsys,
-    )
+    argv = folder_args(tmp_path, "--train-dir", str(tmp_path / "src"), "--test-dir", str(tmp_path / "test"))
+    code, _, err = run_main(argv + ["--out-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "2 image file(s) cannot be read" in err and "empty.png" in err and "broken.jpg" in err
     assert [f for f in os.listdir(tmp_path / "cache") if f.endswith(".u8")] == []
@@ -854,18 +957,7 @@ def test_corrupt_images_are_one_line_naming_them(tmp_path, capsys):
     assert len(listed) == 2 and str(tmp_path / "cache" / "unreadable.txt") in err
     for i in range(5):
         (tmp_path / "src" / "cat" / f"bad{i}.jpg").write_bytes(b"")
-    code, _, err = run_main(
-        folder_args(
-            tmp_path,
-            "--train-dir",
-            str(tmp_path / "src"),
-            "--test-dir",
-            str(tmp_path / "test"),
-            "--out-dir",
-            str(tmp_path / "r"),
-        ),
-        capsys,
-    )
+    code, _, err = run_main(argv + ["--out-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "7 image file(s) cannot be read" in err and ", ..." in err and err.count(".jpg") < 7
     assert len((tmp_path / "cache" / "unreadable.txt").read_text().splitlines()) == 7
 
@@ -875,17 +967,7 @@ def test_grayscale_palette_rgba_and_cmyk_images_are_converted(tmp_path):
     base = Image.fromarray(torch.randint(0, 256, (40, 36, 3), generator=gen(), dtype=torch.uint8).numpy())
     for mode, ext in (("L", "png"), ("P", "png"), ("RGBA", "png"), ("CMYK", "jpg"), ("LA", "png"), ("1", "bmp")):
         base.convert(mode).save(tmp_path / "src" / "a" / f"{mode}.{ext}")
-    args = ck.parse_args(
-        folder_args(
-            tmp_path,
-            "--train-dir",
-            str(tmp_path / "src"),
-            "--test-dir",
-            str(tmp_path / "src"),
-            "--out-dir",
-            str(tmp_path / "r"),
-        )
-    )
+    args = src_args(tmp_path)
     x, _, _, names = load_folder(tmp_path / "src", args)
     assert len(x) == 6
     for i, name in enumerate(names):
@@ -977,8 +1059,9 @@ def test_two_processes_train_like_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         d.mkdir()
+    cache = ["--teacher-cache", "--cache-dir", str(tmp_path / "cache")]  # written by one process, read by two
     ref = subprocess.run(
-        [sys.executable, str(tmp_path / "worker.py"), *DDP_ARGS, "--out-dir", str(one / "run")],
+        [sys.executable, str(tmp_path / "worker.py"), *DDP_ARGS, *cache, "--out-dir", str(one / "run")],
         cwd=HERE,
         env=dict(ENV, OUT=str(one)),
         capture_output=True,
@@ -986,11 +1069,11 @@ def test_two_processes_train_like_one(tmp_path):
         timeout=300,
     )
     assert ref.returncode == 0, ref.stderr
-    proc = torchrun(
-        2, str(tmp_path / "worker.py"), *DDP_ARGS, "--out-dir", str(two / "run"), env=dict(ENV, OUT=str(two))
-    )
+    argv = [str(tmp_path / "worker.py"), *DDP_ARGS, *cache, "--out-dir", str(two / "run")]
+    proc = torchrun(2, *argv, env=dict(ENV, OUT=str(two)))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    assert "teacher features read from" in out and "once, into" in ref.stdout  # both ranks read what one wrote
     assert len([line for line in out.splitlines() if line.startswith("epoch")]) == 2  # rank 0 alone prints
     assert (
         sorted(os.listdir(two / "run"))
@@ -1030,9 +1113,9 @@ def child_pids(pid):
 
 def test_a_killed_process_ends_every_process_with_one_line(tmp_path):
     run_dir = tmp_path / "run"
-    proc = torchrun(
-        2, os.path.join(HERE, "customkd.py"), *DDP_ARGS, "--epochs", "200", "--out-dir", str(run_dir), env=ENV
-    )
+    cache = ["--teacher-cache", "--cache-dir", str(tmp_path / "cache")]  # built in shards, gathered, written once
+    argv = [os.path.join(HERE, "customkd.py"), *DDP_ARGS, *cache, "--epochs", "200", "--out-dir", str(run_dir)]
+    proc = torchrun(2, *argv, env=ENV)
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "checkpoint.pt").exists():
         time.sleep(0.2)
@@ -1046,6 +1129,9 @@ def test_a_killed_process_ends_every_process_with_one_line(tmp_path):
     ours = [line for line in err.splitlines() if line.startswith("customkd: error:")]
     assert len(ours) == 1 and "[rank 0]" in ours[0] and "Traceback" not in "\n".join(ours)
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] >= 1  # the last checkpoint is intact
+    (path,) = (tmp_path / "cache").glob("teacher-*.pt")  # the shards of both processes, in order
+    saved = torch.load(path, weights_only=True)
+    assert saved["cache_train"].shape == (512, 192) and saved["cache_test"].shape == (256, 192)
 
 
 # ------------------------------------------------------------------ bad input
@@ -1209,14 +1295,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, capsys):
         assert run_main(TINY + ["--epochs", "1", "--overwrite", "--out-dir", str(out)])[0] == 130
     assert sorted(os.listdir(out)) == ["args.json", "metrics.jsonl"] and (out / "metrics.jsonl").read_text() == ""
     assert run_main(TINY + ["--epochs", "1", "--overwrite", "--out-dir", str(out)])[0] == 0
-    assert sorted(os.listdir(out)) == [
-        "args.json",
-        "checkpoint.pt",
-        "features.pt",
-        "metrics.jsonl",
-        "student.pt",
-        "summary.json",
-    ]
+    assert sorted(os.listdir(out)) == RUN_FILES
 
 
 def test_resume_refuses_bad_checkpoints(tmp_path, capsys):
@@ -1372,17 +1451,7 @@ def test_test_folder_that_is_or_shares_the_training_folder_is_refused_before_dec
 
 def test_truncated_decoded_array_is_decoded_again(tmp_path, capsys):
     write_folder(tmp_path / "src", ["cat", "dog"], 4, 0)
-    args = ck.parse_args(
-        folder_args(
-            tmp_path,
-            "--train-dir",
-            str(tmp_path / "src"),
-            "--test-dir",
-            str(tmp_path / "src"),
-            "--out-dir",
-            str(tmp_path / "r"),
-        )
-    )
+    args = src_args(tmp_path)
     x = load_folder(tmp_path / "src", args)[0].clone()  # a copy: the mapping itself would fault once cut short
     (array,) = (tmp_path / "cache").iterdir()
     with open(array, "r+b") as f:  # cut short, as by a full disk or an interrupted copy
