@@ -93,18 +93,19 @@ def table(a):
             with open(path) as f:
                 summary = json.load(f)
             acc.setdefault(row, {})[int(seed)] = summary["acc_student_last"]
-            walls.setdefault(row, []).append(summary["wall_time_s"])
+            walls.setdefault(row, []).append((summary["wall_time_s"], summary["time/teacher_cache_s"]))
             with open(os.path.join(os.path.dirname(path), "metrics.jsonl")) as f:
                 epochs.setdefault(row, []).append([json.loads(line) for line in f])
         if not acc:
             continue
-        print(f"\n### {budget}\n\n| row | per seed | mean ± std | wall a run (s) |\n|---|---|---|---|")
+        print(f"\n### {budget}\n\n| row | per seed | mean ± std | wall a run (s) | of it, teacher features (s) |")
+        print("|---|---|---|---|---|")
         for row in [r for r in ROWS if r in acc]:
             per_seed = " / ".join(f"{acc[row][s]:.4f}" for s in sorted(acc[row]))
-            wall = statistics.mean(walls[row])
-            print(
-                f"| {row} | {per_seed} (seeds {sorted(acc[row])}) | {mean_std(list(acc[row].values()))} | {wall:.0f} |"
-            )
+            wall = " / ".join(f"{w:.0f}" for w, _ in walls[row])
+            cache = " / ".join(f"{c:.1f}" for _, c in walls[row])
+            spread = mean_std(list(acc[row].values()))
+            print(f"| {row} | {per_seed} (seeds {sorted(acc[row])}) | {spread} | {wall} | {cache} |")
         for x, y in (("full", "lft"), ("full", "none"), ("lft", "none"), ("lfc", "none"), ("full", "lfc")):
             if x in acc and y in acc:
                 print(f"\n{x} - {y}: {paired(acc[x], acc[y])}")
