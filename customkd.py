@@ -69,11 +69,11 @@ def run(args, teacher=None, student=None):
 
 
 def customize_epoch(kd, epoch):
-    """[CustomKD] Stage 1, feature customization: one pass over D_L that trains only P_c, through the frozen h."""
+    """[CustomKD] Stage 1, feature customization: one pass over D_L (or --custom-steps) that trains only P_c."""
     t0 = clock(kd.device)
     set_stage(kd, 1)
     batch = global_batch(kd.args.batch_size, len(kd.labeled_idx))
-    steps = len(kd.labeled_idx) // batch  # one pass
+    steps = max(len(kd.labeled_idx) // batch, kd.args.custom_steps)  # one pass (paper), or more, D_L cycled
     plan = epoch_plan(kd.labeled_idx, batch, steps, plan_generator(kd.args.seed, epoch, 1), kd.pad)
     log = []
     for p in progress(plan, "stage 1", steps * batch, batch):
@@ -381,6 +381,7 @@ def build_parser():
     add("--w-sup", type=weight, default=1.0, help="weight of the supervised CE on labeled images (default 1)")
     add("--w-ent", type=weight, default=1.0, help="weight of entropy minimisation on unlabeled images (default 1)")
     add("--custom-every", type=count, default=1, help="stage 1 every N epochs (default 1: the paper's best)")
+    add("--custom-steps", type=num(int, 0, 10**6), default=0, help="stage 1: at least N steps (default 0: one pass)")
     add("--custom-head", default="student", choices=["student", "random"], help="head reading P_c(f_t) in stage 1")
     add = p.add_argument_group("optimisation (--batch-size and --mu are global, at any process count)").add_argument
     add("--epochs", type=count, default=30, help="epochs, each = stage 1 + stage 2 (default 30)")
@@ -767,21 +768,17 @@ def build(kd, num_classes, teacher=None, student=None):
     kd.student = student
     if kd.head(torch.zeros(1, kd.d_s, device=device)).shape[-1] != num_classes:
         raise Abort(f"the student head must output {num_classes} classes")
-    compiled = torch.compile if args.compile else identity
+    compiled = torch.compile if args.compile else nn.Identity()  # nn.Identity()(f) is f
     if use_teacher:
         kd.teacher = teacher.eval().requires_grad_(False)  # frozen, always
         kd.feat_t = compiled(partial(features, teacher))  # f_t = T(x)
     make_projectors(kd, num_classes)
-    ddp = partial(nn.parallel.DistributedDataParallel, forward_sync_buffers=False) if PROC.world > 1 else identity
+    ddp = partial(nn.parallel.DistributedDataParallel, forward_sync_buffers=False) if PROC.world > 1 else nn.Identity()
     if kd.proj_custom is not None:
         set_stage(kd, 1)  # DDP averages the gradients of what requires grad when it is built
         kd.customizer = ddp(nn.Sequential(kd.proj_custom, kd.head_c))  # f_t -> h(P_c(f_t))
     set_stage(kd, 2)
     kd.student_side = compiled(ddp(StudentSide(student, kd.proj_general)))
-
-
-def identity(f):
-    return f
 
 
 def pretrain_demo_models(kd, x, y, steps, own=()):

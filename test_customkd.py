@@ -194,6 +194,13 @@ def test_stage1_changes_only_the_customization_projector(tmp_path):
     for m in ("teacher", "student", "proj_general"):
         assert same(getattr(kd, m), before[m]), m
     assert not same(kd.proj_custom, before["proj_custom"])
+    for custom_steps, steps in ((12, 12), (2, 5)):  # --custom-steps: at least that many steps (D_L cycled), or a pass
+        kd.args.custom_steps, calls = custom_steps, []
+        hook = kd.head_c.register_forward_hook(lambda *a: calls.append(1))
+        means = ck.customize_epoch(kd, 1)
+        hook.remove()
+        n_img = means["throughput/customize_img_s"] * means["time/customize_s"]
+        assert len(calls) == steps and n_img == pytest.approx(8 * steps)
 
 
 def test_random_custom_head_is_not_the_student_head(tmp_path):
