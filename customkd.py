@@ -10,9 +10,9 @@ tagged `# [CustomKD]`. Section 2 declares what a run holds; sections 3-7 are ref
   python customkd.py --dataset synthetic                   # the offline CPU demo
   HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py    # the tests (CPU, no network)
 
-Measured, the demo (torch 2.14.1, timm 1.0.31, a 2-core AMD EPYC with AVX2, seeds 0-4 one at a time, about 111 s a
-run), last-epoch accuracy: CustomKD 0.905 +- 0.015, L_ft only 0.893 +- 0.017, no teacher 0.898 +- 0.026 (chance
-0.025). CIFAR-100, and anything on a GPU: not yet measured.
+Measured, the demo (torch 2.14.1, timm 1.0.31, a 2-core AMD EPYC with AVX2; seed 0: 92 s a first run, 57 s once its
+models are cached), last-epoch accuracy over seeds 0-4: CustomKD 0.905 +- 0.015, L_ft only 0.893 +- 0.017, no
+teacher 0.898 +- 0.026 (chance 0.025). CIFAR-100, and anything on a GPU: not yet measured.
 """
 
 import argparse
@@ -183,8 +183,7 @@ def evaluate(kd):
     if kd.teacher is not None:
         feats["f_t"] = kd.cache_test.float().to(kd.device)  # (N, d_t), computed once: T is frozen
     if kd.proj_custom is not None:
-        f_t_custom = kd.proj_custom(feats["f_t"])  # (N, d_s)
-        feats["f_t_custom"] = f_t_custom
+        feats["f_t_custom"] = f_t_custom = kd.proj_custom(feats["f_t"])  # (N, d_s)
         out["acc/teacher_custom"] = (kd.head_c(f_t_custom).argmax(-1) == kd.y_test).float().mean().item()
         out["rms/f_t_custom"] = f_t_custom.pow(2).mean().sqrt().item()  # the target's scale
     rows = torch.randperm(len(kd.x_test), generator=torch.Generator().manual_seed(0))[: kd.args.cka_samples]
@@ -358,7 +357,7 @@ def build_parser():
     add("--test-dir", help="folder dataset: class folders of test images, none of them a training image")
     add("--unlabeled-dir", help="folder dataset: class folders that are the unlabeled set instead (labels unread)")
     add("--labeled-list", help="folder dataset: file of training images, a name per line, labeled instead of --labels")
-    add("--cache-dir", help="decoded folders and --teacher-cache features, kept for later runs (DATA_DIR/decoded)")
+    add("--cache-dir", help="decoded folders, teacher features, demo models: kept for later runs (DATA_DIR/decoded)")
     add("--workers", type=num(int, 1, 1024), help="processes that decode a folder (default: all cores)")
     add("--image-size", type=side, default=224, help="side of stored synthetic/folder images (default 224)")
     add("--synthetic-size", type=num(int, 10, 10**6), help="synthetic: training images, test ones up to 1000 (1600)")
@@ -722,9 +721,8 @@ class StudentSide(nn.Module):
 
 
 def prepare_model(model, role, res, device, channels_last):
-    """Checks a teacher or student (the methods this file calls, its input side), moves it to the device. -> the
-    width d of its feature, and its view: the input it sees, resized to its side and normalised with its own mean
-    and std (its timm config)."""
+    """Checks a teacher or student (the methods this file calls, its input side), moves it to the device. -> (d, view):
+    its feature's width, and its input: images resized to its side, normalised by its own timm config's mean, std."""
     need = ("forward_features", "forward_head") + (("get_classifier",) if role == "student" else ())
     missing = [m for m in need if not callable(getattr(model, m, None))]
     if missing:
@@ -782,27 +780,37 @@ def build(kd, num_classes, teacher=None, student=None):
 
 
 def pretrain_demo_models(kd, x, y, steps, own=()):
-    """Demo only: the teacher (`steps`) and the student (half) first learn other classes through a temporary linear
-    head (Adam at lr 1e-3 and 3e-3, batches of 64), as a foundation model and an ImageNet student; `own`: as given."""
-    say(f"customkd: pre-training the demo models on {len(x)} images of other classes (a fixed pair, whatever --seed)")
-    recipes = [(kd.student, kd.view_s, kd.d_s, steps // 2, 1, 3e-3)]  # (model, view, width, steps, seed, Adam's lr)
-    if kd.teacher is not None:  # the teacher first
-        recipes.insert(0, (kd.teacher, kd.view_t, kd.d_t, steps, 0, 1e-3))
-    for model, view, d, n, seed, lr in recipes:
-        if any(model is m for m in own):
+    """Demo only: the teacher (`steps`) and the student (half) first learn other classes, as a foundation model and an
+    ImageNet student; `own`: as given. Each is kept in --cache-dir under a hash of its recipe, like a hub's weights."""
+    recipes = {"teacher": (steps, 0, 1e-3), "student": (steps // 2, 1, 3e-3)}  # steps, seed, Adam's learning rate
+    for role, (n, seed, lr) in recipes.items():
+        model, view, d = (kd.teacher, kd.view_t, kd.d_t) if role == "teacher" else (kd.student, kd.view_s, kd.d_s)
+        if model is None or any(model is m for m in own):
             continue
-        with torch.random.fork_rng(devices=[]):  # the same demo models whichever projectors were built before
-            torch.manual_seed(seed)
-            head = nn.Linear(d, int(y.max() - y.min()) + 1).to(kd.device)
-        opt = torch.optim.Adam([*model.train().requires_grad_(True).parameters(), *head.parameters()], lr=lr)
-        for plan in epoch_plan(torch.arange(len(x)), 64, n, torch.Generator().manual_seed(seed), x.shape[-1] // 8):
-            with kd.amp():
-                logits = head(features(model, view(augment(x, plan, kd.device))))
-            take_step(opt, F.cross_entropy(logits.float(), (y[plan[:, 0]] - y.min()).to(kd.device)))
-        if PROC.world > 1:  # every rank keeps rank 0's (GPU kernels may differ)
-            for p in model.parameters():
-                dist.broadcast(p.data, 0)
+        a = kd.args
+        recipe = [role, getattr(a, role), getattr(a, f"{role}_kwargs"), getattr(a, f"{role}_res"), n, seed, lr, kd.bf16]
+        path = os.path.join(a.cache_dir, f"demo-{role}-{fingerprint(recipe, model, x, y)}.pt")  # + initial weights
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        what = f"demo {role} ({n} steps on {len(x)} images of other classes)"
+        model.load_state_dict(cached(kd, path, shapes, what, partial(pretrain, kd, model, view, d, x, y, n, seed, lr)))
     set_stage(kd, 2)  # the teacher frozen from now on
+
+
+def pretrain(kd, model, view, d, x, y, steps, seed, lr):
+    """Trains model on the images x of classes y through a temporary linear head (Adam, batches of 64). -> its state"""
+    with torch.random.fork_rng(devices=[]):  # the same demo models whichever projectors were built before
+        torch.manual_seed(seed)
+        head = nn.Linear(d, int(y.max() - y.min()) + 1).to(kd.device)
+    opt = torch.optim.Adam([*model.train().requires_grad_(True).parameters(), *head.parameters()], lr=lr)
+    plans = epoch_plan(torch.arange(len(x)), 64, steps, torch.Generator().manual_seed(seed), x.shape[-1] // 8)
+    for plan in progress(plans, "pre-training", steps * 64, 64):
+        with kd.amp():
+            logits = head(features(model, view(augment(x, plan, kd.device))))
+        take_step(opt, F.cross_entropy(logits.float(), (y[plan[:, 0]] - y.min()).to(kd.device)))
+    if PROC.world > 1:  # every rank keeps rank 0's (GPU kernels may differ)
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+    return {k: v.cpu() for k, v in model.state_dict().items()}
 
 
 def teacher_features(kd, plan=None, x=None):
@@ -818,7 +826,8 @@ def teacher_features(kd, plan=None, x=None):
 
 def build_teacher_cache(kd, with_train):
     """Teacher features, once, over the processes: of the test images; with --teacher-cache also of every training
-    image and of its mirror image, kept in --cache-dir (teacher_cache_file) and read back by later runs."""
+    image and of its mirror image, kept in --cache-dir under a hash of the teacher's name, arguments, weights and
+    buffers, input side and normalisation, the precision and the images, and read back by later runs."""
     t0 = clock(kd.device)
     dtype = torch.bfloat16 if kd.bf16 else torch.float32
 
@@ -826,56 +835,57 @@ def build_teacher_cache(kd, with_train):
         v = x[i:j].to(kd.device).float()
         return torch.stack([teacher_features(kd, x=v.flip(-1) if flip else v) for flip in range(views)], 1).to(dtype)
 
-    def compute(x, views, what):  # -> (views * N, d_t), gathered on the host, then on the device if it fits there
-        out = sharded_rows(len(x), kd.batch_eval, partial(rows, x, views), kd.device, torch.device("cpu"), what)
-        return to_device_if_fits(out.flatten(0, 1), kd.device)
+    def compute(x, views, what):  # -> (views * N, d_t), gathered on the host
+        return sharded_rows(len(x), kd.batch_eval, partial(rows, x, views), kd.device, torch.device("cpu"), what)
 
-    path = teacher_cache_file(kd, dtype) if with_train else None
-    saved = read_teacher_cache(kd, path) if with_train else None
-    if saved is not None:
-        say(f"customkd: teacher features read from {path}, computed by an earlier run")
-        kd.cache_test = to_device_if_fits(saved["cache_test"], kd.device)
+    def make():  # every training image and its mirror image (rows 2i and 2i + 1), every test image
+        train, test = compute(kd.x_pool, 2, "teacher (training images)"), compute(kd.x_test, 1, "teacher (test images)")
+        return {"cache_train": train.flatten(0, 1), "cache_test": test.flatten(0, 1)}
+
+    if with_train:  # the file's name hashes all that decides the features, so that nothing stale is ever reused
+        cfg = timm.data.resolve_model_data_config(kd.teacher)
+        about = [kd.args.teacher, kd.args.teacher_kwargs, kd.args.teacher_res, cfg["mean"], cfg["std"], str(dtype)]
+        about.append("pre-logits of each image and its mirror image")
+        digest = fingerprint(about, kd.teacher, kd.x_pool, kd.x_test)
+        name = f"teacher-{re.sub(r'[^0-9A-Za-z]', '_', kd.args.teacher)}-{kd.args.teacher_res}px-{digest}.pt"
+        shapes = {"cache_train": (2 * len(kd.x_pool), kd.d_t), "cache_test": (len(kd.x_test), kd.d_t)}
+        saved = cached(kd, os.path.join(kd.args.cache_dir, name), shapes, "teacher features", make)
         kd.cache_train = to_device_if_fits(saved["cache_train"], kd.device)  # image i at row 2i, its mirror at 2i+1
     else:
-        also = f" and of the training images and their mirror images, once, into {path}" if with_train else ""
-        say(f"customkd: teacher features of {len(kd.x_test)} test images{also}")
-        kd.cache_test = compute(kd.x_test, 1, "teacher (test images)")  # (N_test, d_t)
-        if with_train:
-            kd.cache_train = compute(kd.x_pool, 2, "teacher (training images)")
-            if PROC.rank == 0:
-                os.makedirs(kd.args.cache_dir, exist_ok=True)
-                save_atomic({"cache_train": kd.cache_train.cpu(), "cache_test": kd.cache_test.cpu()}, path)
+        say(f"customkd: teacher features of {len(kd.x_test)} test images")
+        saved = {"cache_test": compute(kd.x_test, 1, "teacher (test images)").flatten(0, 1)}
+    kd.cache_test = to_device_if_fits(saved["cache_test"], kd.device)  # (N_test, d_t)
     kd.time_cache = clock(kd.device) - t0
 
 
-def teacher_cache_file(kd, dtype):
-    """--teacher-cache's file: its name hashes all that decides the features (the teacher's name, arguments, weights
-    and buffers, input side and normalisation; the precision; the images), so that nothing stale is ever reused."""
-    cfg = timm.data.resolve_model_data_config(kd.teacher)
-    about = [kd.args.teacher, kd.args.teacher_kwargs, kd.args.teacher_res, cfg["mean"], cfg["std"], str(dtype)]
-    h = hashlib.sha1(json.dumps(about + ["pre-logits of each image and its mirror image"]).encode())
-    for name, t in sorted(kd.teacher.state_dict().items()):
+def fingerprint(about, model, *arrays):
+    """A cached file's name: 16 hex digits of a SHA-1 over JSON `about`, model's weights and buffers, the arrays."""
+    h = hashlib.sha1(json.dumps(about).encode())
+    for name, t in sorted(model.state_dict().items()):
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    for x in (kd.x_pool, kd.x_test):  # a decoded folder by its array's name (a hash of the image files), else pixels
+    for x in arrays:  # a decoded folder by its mapped file's name, itself a hash of the image files
         mapped = x.untyped_storage().filename if x.device.type == "cpu" else None
-        h.update(os.path.basename(mapped).encode() if mapped else x.cpu().contiguous().numpy())
-    name = "".join(c if c.isalnum() else "_" for c in kd.args.teacher)
-    return os.path.join(kd.args.cache_dir, f"teacher-{name}-{kd.args.teacher_res}px-{h.hexdigest()[:16]}.pt")
+        h.update(os.path.basename(mapped).encode() if mapped else x.cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
 
 
-def read_teacher_cache(kd, path):
-    """The features an earlier run wrote to path, or None (no file, cut short, other shapes): on every process."""
-    saved = None
-    if os.path.exists(path):
-        try:  # weights_only: never runs pickled code; mmap: read as used
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            shapes = (saved["cache_train"].shape, saved["cache_test"].shape)
-            assert shapes == ((2 * len(kd.x_pool), kd.d_t), (len(kd.x_test), kd.d_t))
-        except Exception:
-            saved = None
-    everywhere = all_reduce(torch.tensor(int(saved is not None), device=kd.device), dist.ReduceOp.MIN)
-    return saved if everywhere.item() else None
+def cached(kd, path, shapes, what, make):
+    """Tensors {name: tensor} kept in --cache-dir: read back from path if an earlier run wrote them whole (on every
+    process, or else on none), or else make() them and write them there (rank 0, atomically)."""
+    try:  # no file, a file cut short, other shapes: None. weights_only: never runs pickled code; mmap: read as used
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        assert {k: v.shape for k, v in saved.items()} == shapes
+    except Exception:
+        saved = None
+    if all_reduce(torch.tensor(int(saved is not None), device=kd.device), dist.ReduceOp.MIN).item():
+        say(f"customkd: {what} read from {path}, made by an earlier run")
+        return saved
+    say(f"customkd: {what}, once, into {path}")
+    saved = make()
+    if PROC.rank == 0:
+        save_atomic(saved, path)
+    return saved
 
 
 # ================================================================ 6. several processes (torchrun)
@@ -941,10 +951,8 @@ def setup(args, teacher=None, student=None):
     """Everything before the first epoch: processes, data, models, projectors, split, optimizers, run folder, cache."""
     device = init_process(args)
     kd = KDState(args, device=device)
-    if teacher is not None:  # your own modules: named by their class
-        args.teacher = type(teacher).__name__
-    if student is not None:
-        args.student = type(student).__name__
+    args.teacher = type(teacher).__name__ if teacher is not None else args.teacher  # your own modules: by their class
+    args.student = type(student).__name__ if student is not None else args.student
     ckpt = load_checkpoint(args) if args.resume else None
     exists = os.path.isdir(args.out_dir) and os.listdir(args.out_dir)
     if PROC.rank == 0 and exists and not (args.resume or args.overwrite):
@@ -977,9 +985,7 @@ def setup(args, teacher=None, student=None):
     kd.batch_eval = args.batch_size * (1 + args.mu)
     if args.demo_teacher_steps:
         pretrain_demo_models(kd, data["teacher_x"], data["teacher_y"], args.demo_teacher_steps, (teacher, student))
-    params = list(kd.student.parameters())
-    if kd.proj_general is not None:
-        params += list(kd.proj_general.parameters())
+    params = kd.student_side.parameters()  # S (with h), then P_g
     kd.opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     if kd.proj_custom is not None:
         kd.opt_custom = torch.optim.Adam(kd.proj_custom.parameters(), lr=args.lr_custom)
@@ -993,7 +999,6 @@ def setup(args, teacher=None, student=None):
         if device.type == "cuda" and ckpt["rng_cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
     if PROC.rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
         save_atomic(json.dumps(vars(args), indent=2) + "\n", out_file(args, "args.json"))
         save_atomic("".join(json.dumps(row) + "\n" for row in kd.history), out_file(args, "metrics.jsonl"))
         stale = ["summary.json", "features.pt"] + ([] if args.resume else ["checkpoint.pt", "student.pt"])
@@ -1023,11 +1028,9 @@ def epoch_means(kd, epoch, log):
     if bad.any():
         first = bad.any(0).nonzero()[0, 0]  # the first step with a non-finite term: those terms are named
         culprits = [k for k, b in zip(terms, bad[:, first]) if b]
-        kept = "no checkpoint was written (lower --lr or that loss weight)"
-        if epoch:
-            kept = f"the checkpoint of epoch {epoch} in {kd.args.out_dir} is kept"
-            kept += " (lower --lr or that loss weight, then --resume)"
-        raise Abort(f"{' and '.join(culprits)} became non-finite in epoch {epoch + 1}; stopped; {kept}", 3)
+        kept = f"the checkpoint of epoch {epoch} in {kd.args.out_dir} is kept" if epoch else "no checkpoint was written"
+        fix = "lower --lr or that loss weight" + (", then --resume" if epoch else "")
+        raise Abort(f"{' and '.join(culprits)} became non-finite in epoch {epoch + 1}; stopped; {kept} ({fix})", 3)
     return {k: v.mean().item() for k, v in terms.items()}
 
 
@@ -1088,6 +1091,7 @@ def summarise(kd):
 
 def save_atomic(obj, path):
     """Write a temporary file, fsync, rename: a crash or a full disk never breaks `path`. str: text, else torch.save."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
     data = io.BytesIO(obj.encode() if isinstance(obj, str) else b"")
     if not isinstance(obj, str):
@@ -1168,9 +1172,8 @@ def progress(items, what, total, per=1):
 
 
 def main(argv=None, teacher=None, student=None):
-    """Run the CLI and return the summary dict. `teacher`/`student`: your own built modules (README).
-    Expected failures (flags, data, files, disk, interruption, a non-finite loss) end in one line and an exit code;
-    anything else is a bug or a fault of the machine, and shows its traceback."""
+    """The CLI -> the summary dict; `teacher`/`student`: your own modules. Expected failures (flags, data, files, disk,
+    interruption, a non-finite loss) are one line and an exit code; anything else shows its traceback."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
     try:
         out = run(parse_args(argv), teacher, student)

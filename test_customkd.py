@@ -303,7 +303,8 @@ def demo(tmp_path_factory):
     """The offline demo as the README ships it (its data, models, pre-training and settings), cut to 3 of its 8
     epochs for the suite's time; run once for the tests that read its outputs."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    code, summary, _ = run_main(["--dataset", "synthetic", "--epochs", "3", "--out-dir", str(out)])
+    cache = ["--cache-dir", str(out.parent / "cache")]  # its pre-trained models: never in the repository's data/
+    code, summary, _ = run_main(["--dataset", "synthetic", "--epochs", "3", "--out-dir", str(out), *cache])
     return code, summary, out
 
 
@@ -356,6 +357,40 @@ def test_demo_models_are_pre_trained_then_the_teacher_is_frozen(tmp_path, monkey
     teacher, student = snapshot(kd.teacher), snapshot(kd.student)
     ck.pretrain_demo_models(kd, data["teacher_x"], data["teacher_y"], 20, own=(None, kd.student))
     assert not same(kd.teacher, teacher) and same(kd.student, student)
+
+
+def test_demo_models_are_pre_trained_once_by_recipe_then_read_back(tmp_path, monkeypatch, capsys):
+    """As a hub keeps downloads: built once into --cache-dir, read back (the pre-training does not run again, and the
+    run is the same), built anew for another recipe or when the file is cut short."""
+    made = []
+    real = ck.pretrain
+    monkeypatch.setattr(ck, "pretrain", lambda kd, model, *a: made.append(type(model).__name__) or real(kd, model, *a))
+    cache = tmp_path / "cache"
+
+    def demo(name, steps):  # -> (exit code, the models pre-trained in this run, its console)
+        made.clear()
+        argv = TINY + ["--epochs", "1", "--demo-teacher-steps", str(steps), "--cache-dir", str(cache)]
+        code, _, _ = run_main(argv + ["--out-dir", str(tmp_path / name)])
+        return code, list(made), capsys.readouterr().out
+
+    code, built, out = demo("first", 4)
+    files = sorted(cache.glob("demo-*.pt"))
+    assert code == 0 and built == ["VisionTransformer", "MobileNetV3"] and len(files) == 2
+    assert (
+        "demo teacher (4 steps on 4000 images of other classes), once, into" in out and "demo student (2 steps" in out
+    )
+    assert not list(cache.glob("*.tmp"))  # written atomically: nothing half-written left
+    code, built, out = demo("again", 4)
+    assert (
+        code == 0
+        and built == []
+        and out.count("read from") == 2
+        and rows(tmp_path / "again") == rows(tmp_path / "first")
+    )
+    assert demo("other", 6)[1] == ["VisionTransformer", "MobileNetV3"] and len(list(cache.glob("demo-*.pt"))) == 4
+    teacher = next(f for f in files if f.name.startswith("demo-teacher"))
+    teacher.write_bytes(teacher.read_bytes()[:1000])  # an interrupted copy, a full disk
+    assert demo("cut", 4)[1] == ["VisionTransformer"] and teacher.stat().st_size > 1000
 
 
 def test_demo_teacher_is_pre_trained_on_other_classes_than_the_students(tmp_path):
