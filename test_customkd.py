@@ -810,6 +810,8 @@ def test_real_photo_script_runs_its_rows_skips_finished_ones_and_pairs_seeds(tmp
             summary = json.load(open(tmp_path / "runs" / f"4pc-{row}-{seed}" / "summary.json"))
             acc.setdefault(row, {})[seed] = summary["acc_student_last"]
     assert f"full - none: {repro.paired(acc['full'], acc['none'])}" in out and "| full |" in out
+    repro.main(["table", "--runs", str(tmp_path / "runs"), "--against", str(tmp_path / "runs")])  # row by row
+    assert f"full here - full in {tmp_path / 'runs'}: +0.0000 ± 0.0000" in capsys.readouterr().out
 
 
 def test_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path, capsys):

@@ -5,6 +5,7 @@
         --budget 1pct --rows none lft full --seeds 0 1 2 --runs runs/real
     python docs/cifar10_repro.py run --cifar10 DATA_DIR ...       # torchvision's CIFAR-10 instead of the JPEG folders
     python docs/cifar10_repro.py table --runs runs/real           # every finished run: mean +- std, paired t
+    python docs/cifar10_repro.py table --runs runs/variant --against runs/real   # a variant against the same rows
     python docs/cifar10_repro.py ceiling --train-dir ... --budget 1pct   # the best linear read-out of f_t
 
 CIFAR-10 and CIFAR-100 share no class, so the teacher never saw the student's classes (the paper's premise about
@@ -85,14 +86,30 @@ def paired(a, b):
     return f"{statistics.mean(d):+.4f} ± {sd:.4f} (t = {t:.2f}, ahead on {ahead} of {len(d)}; seeds {seeds})"
 
 
+def finished(runs, budget, seeds):
+    """(row, seed, summary.json's path) of the finished runs of one budget and of these seeds in a runs folder."""
+    for path in sorted(glob.glob(os.path.join(runs, f"{budget}-*-*", "summary.json"))):
+        _, row, seed = os.path.basename(os.path.dirname(path)).split("-")
+        if int(seed) in seeds:
+            yield row, int(seed), path
+
+
+def accuracies(runs, budget, seeds):
+    """{row: {seed: last-epoch accuracy}} of the finished runs of one budget and of these seeds in a runs folder."""
+    acc = {}
+    for row, seed, path in finished(runs, budget, seeds):
+        with open(path) as f:
+            acc.setdefault(row, {})[seed] = json.load(f)["acc_student_last"]
+    return acc
+
+
 def table(a):
     for budget in BUDGETS:
         acc, walls, epochs = {}, {}, {}
-        for path in sorted(glob.glob(os.path.join(a.runs, f"{budget}-*-*", "summary.json"))):
-            _, row, seed = os.path.basename(os.path.dirname(path)).split("-")
+        for row, seed, path in finished(a.runs, budget, a.seeds):
             with open(path) as f:
                 summary = json.load(f)
-            acc.setdefault(row, {})[int(seed)] = summary["acc_student_last"]
+            acc.setdefault(row, {})[seed] = summary["acc_student_last"]
             walls.setdefault(row, []).append((summary["wall_time_s"], summary["time/teacher_cache_s"]))
             with open(os.path.join(os.path.dirname(path), "metrics.jsonl")) as f:
                 epochs.setdefault(row, []).append([json.loads(line) for line in f])
@@ -109,6 +126,9 @@ def table(a):
         for x, y in (("full", "lft"), ("full", "none"), ("lft", "none"), ("lfc", "none"), ("full", "lfc")):
             if x in acc and y in acc:
                 print(f"\n{x} - {y}: {paired(acc[x], acc[y])}")
+        other = accuracies(a.against, budget, a.seeds) if a.against else {}  # the same rows run otherwise (a variant)
+        for row in [r for r in ROWS if r in acc and r in other]:
+            print(f"\n{row} here - {row} in {a.against}: {paired(acc[row], other[row])}")
         for row in [r for r in ("full", "lfc") if r in epochs]:
             print(f"\nper epoch, {row} (mean over seeds): " + ", ".join(SIGNALS))
             for e in range(len(epochs[row][0])):
@@ -158,8 +178,13 @@ def main(argv=None):
     p.add_argument("--budget", nargs="+", default=["1pct"], choices=list(BUDGETS))
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument(
-        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (--seed; the split is --split-seed 0)"
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0, 1, 2],
+        help="training seeds (--seed; the split is --split-seed 0); table: the seeds it reads",
     )
+    p.add_argument("--against", help="table: pair each row with the same row's runs in this folder (a variant's)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more customkd flags, after everything")
     a = p.parse_args(argv)
     if a.what != "table" and not (a.cifar10 or (a.train_dir and a.test_dir)):
