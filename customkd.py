@@ -69,11 +69,11 @@ def run(args, teacher=None, student=None):
 
 
 def customize_epoch(kd, epoch):
-    """[CustomKD] Stage 1, feature customization: one pass over D_L (or --custom-steps) that trains only P_c."""
+    """[CustomKD] Stage 1, feature customization: trains only P_c, on D_L, for at least --custom-steps steps."""
     t0 = clock(kd.device)
     set_stage(kd, 1)
     batch = global_batch(kd.args.batch_size, len(kd.labeled_idx))
-    steps = max(len(kd.labeled_idx) // batch, kd.args.custom_steps)  # one pass (paper), or more, D_L cycled
+    steps = max(len(kd.labeled_idx) // batch, kd.args.custom_steps)  # >=50 steps, D_L cycled; 0: a pass (the paper)
     plan = epoch_plan(kd.labeled_idx, batch, steps, plan_generator(kd.args.seed, epoch, 1), kd.pad)
     log = []
     for p in progress(plan, "stage 1", steps * batch, batch):
@@ -380,7 +380,7 @@ def build_parser():
     add("--w-sup", type=weight, default=1.0, help="weight of the supervised CE on labeled images (default 1)")
     add("--w-ent", type=weight, default=1.0, help="weight of entropy minimisation on unlabeled images (default 1)")
     add("--custom-every", type=count, default=1, help="stage 1 every N epochs (default 1: the paper's best)")
-    add("--custom-steps", type=num(int, 0, 10**6), default=0, help="stage 1: at least N steps (default 0: one pass)")
+    add("--custom-steps", type=num(int, 0, 10**6), default=50, help="stage 1: at least N steps (default 50; 0: a pass)")
     add("--custom-head", default="student", choices=["student", "random"], help="head reading P_c(f_t) in stage 1")
     add = p.add_argument_group("optimisation (--batch-size and --mu are global, at any process count)").add_argument
     add("--epochs", type=count, default=30, help="epochs, each = stage 1 + stage 2 (default 30)")

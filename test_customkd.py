@@ -45,7 +45,9 @@ TINY = [
     "40",
     "--demo-teacher-steps",
     "0",
-]  # 40 classes of 5 images, one of them labeled; 200 test images
+    "--custom-steps",
+    "0",
+]  # 40 classes of 5 images, one of them labeled; 200 test images; stage 1 one pass (the demo fixture runs the default)
 SMALL_MODELS = [
     "--no-pretrained",
     "--teacher",
@@ -194,6 +196,7 @@ def test_stage1_changes_only_the_customization_projector(tmp_path):
     for m in ("teacher", "student", "proj_general"):
         assert same(getattr(kd, m), before[m]), m
     assert not same(kd.proj_custom, before["proj_custom"])
+    assert ck.build_parser().get_default("custom_steps") == 50  # the default: at least 50 steps an epoch
     for custom_steps, steps in ((12, 12), (2, 5)):  # --custom-steps: at least that many steps (D_L cycled), or a pass
         kd.args.custom_steps, calls = custom_steps, []
         hook = kd.head_c.register_forward_hook(lambda *a: calls.append(1))
@@ -322,6 +325,8 @@ def test_demo_writes_every_output_and_learns(demo):
     assert summary["acc_teacher_custom_last"] > 0.5
     assert summary["acc_student_best"] == max(r["acc/student"] for r in lines)
     assert lines[-1]["loss/feat_general"] < lines[0]["loss/feat_general"]  # a healthy run: feature loss falls
+    for r in lines:  # stage 1 at the default --custom-steps 50: 50 batches of 16 of the 160 labeled images an epoch
+        assert r["throughput/customize_img_s"] * r["time/customize_s"] == pytest.approx(50 * 16)
     assert summary["num_labeled"] == 160 and summary["num_unlabeled"] == 1600 and summary["epochs"] == 3
     assert json.load(open(out / "summary.json"))["acc_student_last"] == summary["acc_student_last"]
     assert json.load(open(out / "args.json"))["labels"] == "160"
