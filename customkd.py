@@ -13,7 +13,7 @@ tagged `# [CustomKD]`. Section 2 declares what a run holds; sections 3-7 are ref
 Measured (torch 2.14.1, timm 1.0.31, a 2-core AMD EPYC with AVX-512, no GPU), last-epoch accuracy, mean +- std: real
 photos (docs/real-photos.md: CIFAR-10, 1 % labels, a CIFAR-100 ResNet-56 teacher; seeds 0-2): CustomKD 0.447 +- 0.006,
 L_ft only 0.443 +- 0.002, no teacher 0.408 +- 0.006; the demo (58 s a first run, 33 s once its models are cached;
-seeds 0-4, 1 thread a run): CustomKD 0.827 +- 0.061, L_ft only 0.857 +- 0.074, no teacher 0.881 +- 0.035. GPU: unmeasured.
+seeds 0-4, 1 thread a run): CustomKD 0.827 +- 0.061, L_ft only 0.857 +- 0.074, no teacher 0.881 +- 0.035. GPU: none yet.
 """
 
 import argparse
