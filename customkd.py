@@ -52,8 +52,7 @@ from PIL import Image
 #   augment, fetch              the planned crops and flips of images, and rows of a tensor, on the device
 #   teacher_features            f_t = T(x) under inference mode, or read from --teacher-cache
 #   clock, timings, progress    seconds, images/s, a line a minute; epoch_means: mean losses (non-finite: stop)
-#   shard, global_batch, all_reduce, average_buffers, sharded_rows: several processes (torchrun, section 6); in one
-#                               process they return what they are given, or the whole batch, and do nothing else.
+#   shard, global_batch, all_reduce, average_buffers, sharded_rows: several processes (section 6); no-ops in one.
 def run(args, teacher=None, student=None):
     """The paper's loop: every epoch customizes the teacher to the student (stage 1), then distils it (stage 2)."""
     kd = setup(args, teacher, student)  # models, projectors, data, optimizers, run folder: section 7
@@ -126,16 +125,18 @@ def distill_step(kd, x, y_l, f_t):
     n_l = len(y_l)
     with kd.amp():
         f_s, logits, f_s_projected = kd.student_side(kd.view_s(x))  # (B, d_s), (B, C), (B, d_t) or None
-        terms = {
-            "loss/sup": loss_sup(logits[:n_l], y_l),  # [CustomKD] L_L on D_L
-            "loss/entropy": loss_entropy(logits[n_l:]),  # [CustomKD] L_U on D_U
-        }
         if kd.proj_custom is not None:
             with torch.no_grad():
                 f_t_custom = kd.proj_custom(f_t)  # (B, d_s): f~_t, P_c frozen in stage 2
-            terms["loss/feat_custom"] = loss_feat_custom(f_s, f_t_custom)  # [CustomKD] L_f~t
-        if f_s_projected is not None:
-            terms["loss/feat_general"] = loss_feat_general(f_s_projected, f_t)  # [CustomKD] L_ft
+    terms = {  # the losses in float32, outside autocast
+        "loss/sup": loss_sup(logits[:n_l], y_l),  # [CustomKD] L_L on D_L
+        "loss/entropy": loss_entropy(logits[n_l:]),  # [CustomKD] L_U on D_U
+    }
+    if kd.proj_custom is not None:  # in the row space of the head stage 1 read through, or over all d_s
+        head_weight = kd.head_c.weight if kd.args.custom_space == "head" else None
+        terms["loss/feat_custom"] = loss_feat_custom(f_s, f_t_custom, head_weight)  # [CustomKD] L_f~t
+    if f_s_projected is not None:
+        terms["loss/feat_general"] = loss_feat_general(f_s_projected, f_t)  # [CustomKD] L_ft
     return terms
 
 
@@ -144,9 +145,14 @@ def loss_customize(logits, y):
     return F.cross_entropy(logits.float(), y, reduction="mean")
 
 
-def loss_feat_custom(f_s, f_t_custom):
-    """L_f~t = MSE(f_s, sg(f~_t)): imitate the customized, task-specific teacher feature."""
-    return F.mse_loss(f_s.float(), f_t_custom.detach().float(), reduction="mean")
+def loss_feat_custom(f_s, f_t_custom, head_weight=None):
+    """L_f~t = mean_(b,c) (((f_s - sg(f~_t)) Q)_bc)^2, Q (d_s, C) an orthonormal basis of the row space of the head's
+    weight (C, d_s): stage 1 reads f~_t only through that head, so only this part of f~_t was customized; the other
+    d_s - C directions are P_c's initialisation. head_weight None: MSE(f_s, sg(f~_t)) over all d_s (paper's wording)."""
+    if head_weight is None:
+        return F.mse_loss(f_s.float(), f_t_custom.detach().float(), reduction="mean")
+    q = torch.linalg.qr(head_weight.detach().float().T)[0]  # (d_s, C), from the head's current weight
+    return ((f_s.float() - f_t_custom.detach().float()) @ q).pow(2).mean()
 
 
 def loss_feat_general(f_s_projected, f_t):
@@ -178,6 +184,7 @@ def evaluate(kd):
     f_s = sharded_rows(len(kd.x_test), kd.batch_eval, student_rows, kd.device, kd.device, "evaluation")  # (N, d_s)
     out = {"acc/student": (kd.head(f_s).argmax(-1) == kd.y_test).float().mean().item()}
     out["rms/f_s"] = f_s.pow(2).mean().sqrt().item()  # root-mean-square: the feature's scale
+    out["share/f_s_in_head"] = row_share(f_s, kd.head.weight)
     feats = {"f_s": f_s, "y": kd.y_test}
     if kd.teacher is not None:
         feats["f_t"] = kd.cache_test.float().to(kd.device)  # (N, d_t), computed once: T is frozen
@@ -185,12 +192,19 @@ def evaluate(kd):
         feats["f_t_custom"] = f_t_custom = kd.proj_custom(feats["f_t"])  # (N, d_s)
         out["acc/teacher_custom"] = (kd.head_c(f_t_custom).argmax(-1) == kd.y_test).float().mean().item()
         out["rms/f_t_custom"] = f_t_custom.pow(2).mean().sqrt().item()  # the target's scale
+        out["share/f_t_custom_in_head"] = row_share(f_t_custom, kd.head_c.weight)  # the customized part's share
     rows = torch.randperm(len(kd.x_test), generator=torch.Generator().manual_seed(0))[: kd.args.cka_samples]
     kd.sample = {k: v[rows.to(kd.device)].cpu() for k, v in feats.items()}  # the same rows each time; features.pt
     for k, name in (("f_t_custom", "custom"), ("f_t", "teacher")):
         if k in feats and len(rows) > 1:
             out[f"cka/student_vs_{name}"] = linear_cka(kd.sample["f_s"], kd.sample[k])
     return out | timings("eval", t0, len(kd.x_test), kd.device)
+
+
+def row_share(x, weight):
+    """Share of the centred energy of features x (N, d) in the row space of a head's weight (C, d); at random C / d."""
+    x = x.float() - x.float().mean(0)
+    return ((x @ torch.linalg.qr(weight.float().T)[0]).pow(2).sum() / x.pow(2).sum()).item()
 
 
 def linear_cka(x, y):
@@ -296,7 +310,8 @@ IDENTITY = tuple(  # what a run is: --resume refuses a checkpoint written with o
 )
 METRIC_KEYS = tuple(  # each epoch's row in metrics.jsonl, in this order
     "epoch loss/customize loss/feat_custom loss/feat_general loss/sup loss/entropy acc/student "
-    "acc/teacher_custom cka/student_vs_custom cka/student_vs_teacher rms/f_s rms/f_t_custom time/customize_s "
+    "acc/teacher_custom cka/student_vs_custom cka/student_vs_teacher rms/f_s rms/f_t_custom share/f_s_in_head "
+    "share/f_t_custom_in_head time/customize_s "
     "time/distill_s time/eval_s throughput/customize_img_s throughput/distill_img_s throughput/eval_img_s "
     "mem/peak_mb".split()
 )
@@ -377,6 +392,7 @@ def build_parser():
     add("--custom-every", type=count, default=1, help="stage 1 every N epochs (default 1: the paper's best)")
     add("--custom-steps", type=num(int, 0, 10**6), default=50, help="stage 1: at least N steps (default 50; 0: a pass)")
     add("--custom-head", default="student", choices=["student", "random"], help="head reading P_c(f_t) in stage 1")
+    add("--custom-space", default="full", choices=["head", "full"], help="L_f~t in that head's row space, or full")
     add = p.add_argument_group("optimisation (--batch-size and --mu are global, at any process count)").add_argument
     add("--epochs", type=count, default=30, help="epochs, each = stage 1 + stage 2 (default 30)")
     add("--batch-size", type=count, default=64, help="labeled images per step (default 64)")

@@ -164,6 +164,31 @@ def test_losses_match_hand_computed_values():
     assert ck.loss_entropy(torch.zeros(3, 7)).item() == pytest.approx(math.log(7), rel=1e-6)
 
 
+def test_row_space_loss_by_hand_and_where_its_gradient_lies():
+    w = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, -3.0]])  # a head of 2 classes on 3 dimensions: rows e1 and e3
+    f_s = torch.tensor([[1.0, 5.0, 2.0], [0.0, -1.0, 4.0]], requires_grad=True)
+    f_t = torch.tensor([[0.0, 9.0, 0.0], [1.0, 0.0, 1.0]], requires_grad=True)
+    loss = ck.loss_feat_custom(f_s, f_t, w)  # differences in e1, e3: (1, 2) and (-1, 3); e2 never counts
+    assert loss.item() == pytest.approx((1 + 4 + 1 + 9) / 4, rel=1e-6)
+    loss.backward()
+    assert f_t.grad is None  # the teacher side is detached inside the loss
+    assert torch.allclose(f_s.grad, torch.tensor([[0.5, 0.0, 1.0], [-0.5, 0.0, 1.5]]), atol=1e-6)
+    g = gen()
+    w = torch.randn(4, 12, generator=g)  # 4 classes, d_s = 12
+    q = torch.linalg.qr(w.T)[0]
+    f_t = torch.randn(6, 12, generator=g)
+    for scale in (1e-3, 1.0, 1e4):  # f_s - f~_t orthogonal to every row of the head: zero, whatever its size
+        off = scale * (torch.randn(6, 12, generator=g) @ (torch.eye(12) - q @ q.T))
+        assert ck.loss_feat_custom(f_t + off, f_t, w).item() == pytest.approx(0.0, abs=1e-8 * scale**2 + 1e-10)
+        assert ck.loss_feat_custom(f_t + off, f_t).item() > 0.01 * scale**2  # full width counts it
+    f_s = torch.randn(6, 12, generator=g, requires_grad=True)
+    ck.loss_feat_custom(f_s, f_t, w).backward()
+    assert f_s.grad.norm() > 0 and torch.allclose(f_s.grad @ q @ q.T, f_s.grad, atol=1e-6)  # in the row space
+    same_space = torch.randn(4, 4, generator=g) @ w  # another basis of the same rows: the same loss
+    assert ck.loss_feat_custom(f_s, f_t, same_space).item() == pytest.approx(ck.loss_feat_custom(f_s, f_t, w).item())
+    assert ck.row_share(f_t @ q @ q.T, w) == pytest.approx(1.0) and ck.row_share(f_t - f_t @ q @ q.T, w) < 1e-10
+
+
 def test_linear_cka_values_and_invariances():
     x, y = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[1.0], [2.0], [4.0]])
     assert ck.linear_cka(x, y) == pytest.approx(81 / 84)  # 1-d CKA = squared correlation, by hand
@@ -228,6 +253,25 @@ def test_stage2_never_changes_teacher_or_customization_projector(tmp_path):
     assert not same(kd.student, before["student"]) and not same(kd.proj_general, before["proj_general"])
     assert not same(kd.head, {k.split("classifier.")[1]: v for k, v in before["student"].items() if "classifier." in k})
     assert not kd.teacher.training and not any(p.requires_grad for p in kd.teacher.parameters())
+
+
+@pytest.mark.parametrize("space, head", [("head", "student"), ("head", "random"), ("full", "student")])
+def test_custom_space_compares_where_the_stage1_head_reads(tmp_path, monkeypatch, space, head):
+    kd = tiny_kd(tmp_path, "--custom-space", space, "--custom-head", head, "--lr", "0.05")
+    seen, real = [], ck.loss_feat_custom
+    monkeypatch.setattr(
+        ck, "loss_feat_custom", lambda f_s, f_t_custom, w=None: seen.append(w) or real(f_s, f_t_custom, w)
+    )
+    before = {m: snapshot(getattr(kd, m)) for m in ("teacher", "proj_custom", "student", "proj_general", "head_c")}
+    terms = ck.distill_epoch(kd, 0)
+    assert len(seen) == 4 and math.isfinite(terms["loss/feat_custom"])  # 4 steps, each with L_f~t
+    expected = {"full": None, "head": kd.head_c.weight}[space]  # the head stage 1 reads through, random or h
+    assert all(w is expected for w in seen)
+    assert (kd.head_c is kd.head) == (head == "student")
+    for m in ("teacher", "proj_custom", "head_c" if head == "random" else "teacher"):
+        assert same(getattr(kd, m), before[m]), m
+    assert not same(kd.student, before["student"]) and not same(kd.proj_general, before["proj_general"])
+    assert ck.build_parser().get_default("custom_space") == "full"
 
 
 def test_projector_ends_with_student_activation(tmp_path):

@@ -2,7 +2,7 @@
 
     python docs/cifar10_repro.py run --train-dir cifar10/train --test-dir cifar10/test \\
         --student-weights mobilenetv3_small_050-cifar100-6ep.pt --teacher-weights cifar100_resnet56-f2eff4c8.pt \\
-        --budget 1pct --rows none lft full --seeds 0 1 2 --runs runs/real
+        --budget 1pct --rows none lft head full --seeds 0 1 2 --runs runs/real
     python docs/cifar10_repro.py run --cifar10 DATA_DIR ...       # torchvision's CIFAR-10 instead of the JPEG folders
     python docs/cifar10_repro.py table --runs runs/real           # every finished run: mean +- std, paired t
     python docs/cifar10_repro.py table --runs runs/variant --against runs/real   # a variant against the same rows
@@ -35,14 +35,17 @@ SETTINGS = (  # the student: a MobileNetV3-Small-0.5 pre-trained on CIFAR-100 (-
     "--student mobilenetv3_small_050 --no-pretrained --image-size 32 --student-res 32 --teacher-res 32 "
     "--epochs 8 --batch-size 64 --mu 4 --lr 0.05 --weight-decay 5e-4 --w-ent 0.1 --teacher-cache"
 ).split()
-ROWS = {  # the table's rows: which of the two feature losses are on
+ROWS = {  # the table's rows: which of the two feature losses are on, and where L_f~t compares
     "none": ["--w-custom", "0", "--w-general", "0"],  # no teacher: supervised + entropy
     "lft": ["--w-custom", "0"],  # L_ft only: plain feature distillation
-    "lfc": ["--w-general", "0"],  # L_f~t only: the customized teacher alone
-    "full": [],  # CustomKD: both
+    "lfc": ["--w-general", "0"],  # L_f~t only (the default --custom-space): the customized teacher alone
+    "head": ["--custom-space", "head"],  # CustomKD, L_f~t in the row space of the student's head
+    "full": ["--custom-space", "full"],  # CustomKD, L_f~t over all of f_s (the paper's wording)
+    "random": ["--custom-head", "random"],  # CustomKD (the default --custom-space) customized through a random head
 }
 BUDGETS = {"1pct": "1pct", "4pc": "40"}  # 1 % of each class (50), or 4 per class (40 in all)
-SIGNALS = ("acc/teacher_custom", "rms/f_s", "rms/f_t_custom", "cka/student_vs_custom", "cka/student_vs_teacher")
+SIGNALS = ("acc/teacher_custom", "loss/feat_custom", "rms/f_s", "rms/f_t_custom", "share/f_s_in_head")
+SIGNALS += ("cka/student_vs_custom", "cka/student_vs_teacher")
 
 
 def data_args(a):
@@ -123,13 +126,15 @@ def table(a):
             cache = " / ".join(f"{c:.1f}" for _, c in walls[row])
             spread = mean_std(list(acc[row].values()))
             print(f"| {row} | {per_seed} (seeds {sorted(acc[row])}) | {spread} | {wall} | {cache} |")
-        for x, y in (("full", "lft"), ("full", "none"), ("lft", "none"), ("lfc", "none"), ("full", "lfc")):
+        pairs = [("head", "full"), ("head", "lft"), ("full", "lft"), ("head", "none"), ("full", "none")]
+        pairs += [("lft", "none"), ("lfc", "none"), ("lfc", "lft"), ("random", "lft"), ("head", "random")]
+        for x, y in pairs:
             if x in acc and y in acc:
                 print(f"\n{x} - {y}: {paired(acc[x], acc[y])}")
         other = accuracies(a.against, budget, a.seeds) if a.against else {}  # the same rows run otherwise (a variant)
         for row in [r for r in ROWS if r in acc and r in other]:
             print(f"\n{row} here - {row} in {a.against}: {paired(acc[row], other[row])}")
-        for row in [r for r in ("full", "lfc") if r in epochs]:
+        for row in [r for r in ("head", "full", "lfc", "random") if r in epochs]:
             print(f"\nper epoch, {row} (mean over seeds): " + ", ".join(SIGNALS))
             for e in range(len(epochs[row][0])):
                 values = [[run[e][k] for run in epochs[row] if run[e][k] is not None] for k in SIGNALS]
