@@ -47,12 +47,8 @@ from PIL import Image
 
 
 # ================================================================ 1. the method: all of CustomKD (paper Sec. 3, Fig. 2)
-# `kd` holds the run (section 2). The few helpers from later sections that this section calls:
-#   epoch_plan, plan_generator  a stage's seeded batches, as rows of (image id, crop dy, crop dx, flip)
-#   augment, fetch              the planned crops and flips of images, and rows of a tensor, on the device
-#   teacher_features            f_t = T(x) under inference mode, or read from --teacher-cache
-#   clock, timings, progress    seconds, images/s, a line a minute; epoch_means: mean losses (non-finite: stop)
-#   shard, global_batch, all_reduce, average_buffers, sharded_rows: several processes (section 6); no-ops in one.
+# `kd` holds the run (section 2). Helpers from later sections: seeded batch plans, crops and flips (epoch_plan, augment;
+# 4), f_t (teacher_features; 5), several processes (shard, all_reduce, ...; 6: no-ops in one), timing and logs (7).
 def run(args, teacher=None, student=None):
     """The paper's loop: every epoch customizes the teacher to the student (stage 1), then distils it (stage 2)."""
     kd = setup(args, teacher, student)  # models, projectors, data, optimizers, run folder: section 7
@@ -76,8 +72,7 @@ def customize_epoch(kd, epoch):
     log = []
     for p in progress(plan, "stage 1", steps * batch, batch):
         p = shard(p)  # this process's share of the batch
-        # the teacher's view: each image cropped and flipped as planned; with --teacher-cache, uncropped, as planned
-        f_t = teacher_features(kd, p)  # (B, d_t), T frozen
+        f_t = teacher_features(kd, p)  # (B, d_t), T frozen; the planned crop and flip (--teacher-cache: the flip)
         with kd.amp():
             logits = kd.customizer(f_t)  # [CustomKD] (B, C) = h(P_c(f_t)): P_c, then the student's frozen head h
         loss = loss_customize(logits, fetch(kd.y_pool, p[:, 0], kd.device))  # [CustomKD] L_cust
@@ -184,7 +179,9 @@ def evaluate(kd):
     f_s = sharded_rows(len(kd.x_test), kd.batch_eval, student_rows, kd.device, kd.device, "evaluation")  # (N, d_s)
     out = {"acc/student": (kd.head(f_s).argmax(-1) == kd.y_test).float().mean().item()}
     out["rms/f_s"] = f_s.pow(2).mean().sqrt().item()  # root-mean-square: the feature's scale
-    out["share/f_s_in_head"] = row_share(f_s, kd.head.weight)
+    centred = f_s - f_s.mean(0)  # the share of its centred energy in the row space of h (at random C / d_s):
+    q = torch.linalg.qr(kd.head.weight.float().T)[0]  # (d_s, C), an orthonormal basis of that row space
+    out["share/f_s_in_head"] = ((centred @ q).pow(2).sum() / centred.pow(2).sum()).item()
     feats = {"f_s": f_s, "y": kd.y_test}
     if kd.teacher is not None:
         feats["f_t"] = kd.cache_test.float().to(kd.device)  # (N, d_t), computed once: T is frozen
@@ -192,19 +189,12 @@ def evaluate(kd):
         feats["f_t_custom"] = f_t_custom = kd.proj_custom(feats["f_t"])  # (N, d_s)
         out["acc/teacher_custom"] = (kd.head_c(f_t_custom).argmax(-1) == kd.y_test).float().mean().item()
         out["rms/f_t_custom"] = f_t_custom.pow(2).mean().sqrt().item()  # the target's scale
-        out["share/f_t_custom_in_head"] = row_share(f_t_custom, kd.head_c.weight)  # the customized part's share
     rows = torch.randperm(len(kd.x_test), generator=torch.Generator().manual_seed(0))[: kd.args.cka_samples]
     kd.sample = {k: v[rows.to(kd.device)].cpu() for k, v in feats.items()}  # the same rows each time; features.pt
     for k, name in (("f_t_custom", "custom"), ("f_t", "teacher")):
         if k in feats and len(rows) > 1:
             out[f"cka/student_vs_{name}"] = linear_cka(kd.sample["f_s"], kd.sample[k])
     return out | timings("eval", t0, len(kd.x_test), kd.device)
-
-
-def row_share(x, weight):
-    """Share of the centred energy of features x (N, d) in the row space of a head's weight (C, d); at random C / d."""
-    x = x.float() - x.float().mean(0)
-    return ((x @ torch.linalg.qr(weight.float().T)[0]).pow(2).sum() / x.pow(2).sum()).item()
 
 
 def linear_cka(x, y):
@@ -250,7 +240,6 @@ class KDState:
 
     args: argparse.Namespace  # the checked flags (section 3)
     device: torch.device = None  # cpu, or cuda:LOCAL_RANK
-    # models (section 5): T frozen; S with its linear head h = S.get_classifier(); the projectors (section 1)
     teacher: nn.Module = None  # T; None when both feature weights are 0
     student: nn.Module = None  # S, with h
     d_t: int = 0  # width of f_t, from a dummy forward
@@ -265,7 +254,6 @@ class KDState:
     view_s: Callable = None  # the same for S
     opt: torch.optim.Optimizer = None  # stage 2: SGD over S (with h) and P_g
     opt_custom: torch.optim.Optimizer = None  # stage 1: Adam over P_c alone
-    # data (section 4): uint8 (N, 3, H, W) images, on the device when they fit
     x_pool: torch.Tensor = None  # training images: the labeled candidates, then --unlabeled-dir's
     y_pool: torch.Tensor = None  # their labels (-1: never read)
     labeled_idx: torch.Tensor = None  # D_L, rows of x_pool
@@ -276,7 +264,6 @@ class KDState:
     batch_eval: int = 0  # images per batch of evaluation and of the teacher's features
     cache_test: torch.Tensor = None  # f_t of every test image, computed once (N_test, d_t)
     cache_train: torch.Tensor = None  # --teacher-cache: f_t of each training image and its flip (2N, d_t)
-    # progress (section 7; a checkpoint restores history and t_start)
     history: list = field(default_factory=list)  # one metrics row per epoch run so far
     t_start: float = field(default_factory=time.time)  # start of the run, earlier sessions' wall time included
     time_cache: float = 0.0  # seconds spent on the teacher features
@@ -311,9 +298,8 @@ IDENTITY = tuple(  # what a run is: --resume refuses a checkpoint written with o
 METRIC_KEYS = tuple(  # each epoch's row in metrics.jsonl, in this order
     "epoch loss/customize loss/feat_custom loss/feat_general loss/sup loss/entropy acc/student "
     "acc/teacher_custom cka/student_vs_custom cka/student_vs_teacher rms/f_s rms/f_t_custom share/f_s_in_head "
-    "share/f_t_custom_in_head time/customize_s "
-    "time/distill_s time/eval_s throughput/customize_img_s throughput/distill_img_s throughput/eval_img_s "
-    "mem/peak_mb".split()
+    "time/customize_s time/distill_s time/eval_s throughput/customize_img_s throughput/distill_img_s "
+    "throughput/eval_img_s mem/peak_mb".split()
 )
 PROC = SimpleNamespace(rank=0, world=1)  # this process under torchrun (section 6): its rank, and how many there are
 

@@ -186,7 +186,6 @@ def test_row_space_loss_by_hand_and_where_its_gradient_lies():
     assert f_s.grad.norm() > 0 and torch.allclose(f_s.grad @ q @ q.T, f_s.grad, atol=1e-6)  # in the row space
     same_space = torch.randn(4, 4, generator=g) @ w  # another basis of the same rows: the same loss
     assert ck.loss_feat_custom(f_s, f_t, same_space).item() == pytest.approx(ck.loss_feat_custom(f_s, f_t, w).item())
-    assert ck.row_share(f_t @ q @ q.T, w) == pytest.approx(1.0) and ck.row_share(f_t - f_t @ q @ q.T, w) < 1e-10
 
 
 def test_linear_cka_values_and_invariances():
@@ -317,10 +316,18 @@ def test_with_the_cache_no_stage_and_no_evaluation_runs_the_teacher(tmp_path):
         "cka/student_vs_teacher",
         "rms/f_s",
         "rms/f_t_custom",
+        "share/f_s_in_head",
         "time/eval_s",
         "throughput/eval_img_s",
     }
     assert out["throughput/eval_img_s"] * out["time/eval_s"] == pytest.approx(len(kd.x_test)) and len(kd.x_test) == 200
+    with torch.no_grad():  # the share of f_s's centred energy in the row space of h, by hand: projection onto rows
+        f_s = ck.features(kd.student.eval(), kd.view_s(kd.x_test.float()))
+        f_s = f_s - f_s.mean(0)
+        w = kd.head.weight
+        projected = f_s @ w.T @ torch.linalg.inv(w @ w.T) @ w  # the orthogonal projection onto the rows of w
+    assert out["share/f_s_in_head"] == pytest.approx((projected.pow(2).sum() / f_s.pow(2).sum()).item(), rel=1e-3)
+    assert 0 < out["share/f_s_in_head"] < 1
 
 
 @pytest.mark.parametrize("size", [8, 32, 64])
@@ -878,6 +885,10 @@ def test_real_photo_script_runs_its_rows_skips_finished_ones_and_pairs_seeds(tmp
     assert f"full - none: {repro.paired(acc['full'], acc['none'])}" in out and "| full |" in out
     repro.main(["table", "--runs", str(tmp_path / "runs"), "--against", str(tmp_path / "runs")])  # row by row
     assert f"full here - full in {tmp_path / 'runs'}: +0.0000 ± 0.0000" in capsys.readouterr().out
+    ceiling = ["ceiling", *argv[1:5], "--budget", "4pc", "--cache-dir", str(tmp_path / "cache"), "--extra", "--mu", "1"]
+    repro.main(ceiling)  # the best linear read-out of f_t on the 40 labels (docs/ceiling.py), on the test set
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"ceiling 4pc: (0|1)\.\d{4} \(L2 [0-9.e-]+, 40 labels\)", line), line
 
 
 def test_gpu_check_runs_in_its_tiny_cpu_mode(tmp_path, capsys):

@@ -23,12 +23,10 @@ import os
 import statistics
 import sys
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import customkd as ck  # noqa: E402
+from ceiling import linear_ceiling  # noqa: E402
 from cifar_resnet import cifar_resnet  # noqa: E402
 
 SETTINGS = (  # the student: a MobileNetV3-Small-0.5 pre-trained on CIFAR-100 (--student-weights), 32 px throughout
@@ -142,32 +140,11 @@ def table(a):
 
 
 def ceiling(a):
-    """The best linear read-out of the teacher's f_t on the same labels (each image and its flip), over a grid of L2
-    weights, scored on the test set: an upper bound for what stage 1 can reach, not a tuned result."""
-    for budget in a.budget:  # the runs' labeled split (--split-seed 0)
-        argv = data_args(a) + SETTINGS + ["--labels", BUDGETS[budget]]
-        argv += ["--out-dir", os.path.join(a.runs, f"ceiling-{budget}"), "--overwrite", *a.extra]
-        kd = ck.setup(ck.parse_args(argv), teacher=teacher(a))
-        rows = torch.stack([2 * kd.labeled_idx, 2 * kd.labeled_idx + 1], 1).flatten()
-        x, y = kd.cache_train[rows].float(), kd.y_pool[kd.labeled_idx].repeat_interleave(2)
-        mean, std = x.mean(0), x.std(0) + 1e-6
-        x, x_test = (x - mean) / std, (kd.cache_test.float() - mean) / std
-        best = (0.0, None)
-        for l2 in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
-            w = torch.zeros(x.shape[1], len(kd.y_test.unique()), requires_grad=True)
-            b = torch.zeros(w.shape[1], requires_grad=True)
-            opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
-
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(x @ w + b, y) + l2 * w.pow(2).sum()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            accuracy = ((x_test @ w + b).argmax(1) == kd.y_test).float().mean().item()
-            best = max(best, (accuracy, l2))
-        print(f"ceiling {budget}: {best[0]:.4f} (L2 {best[1]}, {len(kd.labeled_idx)} labels)")
+    """The best linear read-out of the teacher's f_t on each budget's labels (docs/ceiling.py), at --split-seed 0."""
+    for budget in a.budget:
+        argv = data_args(a) + SETTINGS + ["--labels", BUDGETS[budget], *a.extra]
+        accuracy, l2, n = linear_ceiling(argv, teacher=teacher(a))
+        print(f"ceiling {budget}: {accuracy:.4f} (L2 {l2}, {n} labels)")
 
 
 def main(argv=None):

@@ -3,9 +3,10 @@
     pip install matplotlib          # only this script needs it: not in requirements.txt
     python docs/plot_sweep.py RUNS OUT.png
 
-Reads RUNS/sweep-SIZE-{lft,full}-SEED/summary.json and RUNS/sweep-none-SEED/summary.json, as the loop in
-docs/results.md writes them. Prints a Markdown table (mean +- std over seeds: the customized teacher's accuracy, the
-students' accuracies and their gains over no teacher, paired by seed) and draws the gains against the teacher's size.
+Reads RUNS/sweep-SIZE-{lft,head,full}-SEED/summary.json (a kind with no runs is left out) and
+RUNS/sweep-none-SEED/summary.json, as the loop in docs/results.md writes them. Prints a Markdown table (mean +- std over
+seeds: the customized teacher's accuracy, the students' accuracies, their gains over no teacher, and CustomKD over
+L_ft only, paired by seed) and draws the gains against the teacher's size.
 """
 
 import glob
@@ -40,40 +41,43 @@ def load(pattern):
     }
 
 
+KINDS = {"lft": ("L_ft only (plain feature KD)", "C1"), "head": ("CustomKD, head's row space", "C0")}
+KINDS["full"] = ("CustomKD, full width", "C3")
+
+
 def main(runs, out):
     none = {s: r["acc_student_last"] for s, r in load(f"{runs}/sweep-none-*").items()}
-    params, gains = [], {"lft": [], "full": []}
-    print("| teacher | parameters | `acc/teacher_custom` | `L_ft` only | CustomKD | gain of `L_ft` only |", end="")
-    print(" gain of CustomKD |")
-    print("|---|---|---|---|---|---|---|")
+    params, gains = [], {}
     for key, label in SIZES:
-        runs_ = {kind: load(f"{runs}/sweep-{key}-{kind}-*") for kind in ("lft", "full")}
-        seeds = sorted(set(none) & set(runs_["lft"]) & set(runs_["full"]))
-        if not seeds:
+        runs_ = {k: load(f"{runs}/sweep-{key}-{k}-*") for k in KINDS}
+        runs_ = {k: v for k, v in runs_.items() if v}
+        seeds = sorted(set(none).intersection(*runs_.values())) if runs_ else []
+        if not seeds or "lft" not in runs_:
             continue
+        if not params:
+            kinds = [k for k in runs_ if k != "lft"]
+            print("| teacher | parameters | `acc/teacher_custom` | `L_ft` only | gain of `L_ft` only | ", end="")
+            print(" | ".join(f"{KINDS[k][0]} | its gain | it − `L_ft` only" for k in kinds) + " |")
+            print("|---" * (5 + 3 * len(kinds)) + "|")
         acc = {k: [runs_[k][s]["acc_student_last"] for s in seeds] for k in runs_}
-        gain = {k: [runs_[k][s]["acc_student_last"] - none[s] for s in seeds] for k in runs_}
-        tc = [runs_["full"][s]["acc_teacher_custom_last"] for s in seeds]
-        a = runs_["full"][seeds[0]]["args"]  # the teacher as the run built it, counted without a classifier
-        n_params = sum(
-            p.numel()
-            for p in timm.create_model(
-                a["teacher"], num_classes=0, img_size=a["teacher_res"], **a["teacher_kwargs"]
-            ).parameters()
-        )
-        params.append(n_params)
-        for k in gains:
-            gains[k].append(gain[k])
-        print(
-            f"| {label} | {n_params / 1e6:.2f} M | {ms(tc)} | {ms(acc['lft'])} | {ms(acc['full'])} | "
-            f"{ms(gain['lft'])} | {ms(gain['full'])} |"
-        )
+        gain = {k: [a - none[s] for a, s in zip(acc[k], seeds)] for k in runs_}
+        tc = [runs_[kinds[0]][s]["acc_teacher_custom_last"] for s in seeds]
+        a = runs_["lft"][seeds[0]]["args"]  # the teacher as the run built it, counted without a classifier
+        teacher = timm.create_model(a["teacher"], num_classes=0, img_size=a["teacher_res"], **a["teacher_kwargs"])
+        params.append(sum(p.numel() for p in teacher.parameters()))
+        for k in runs_:
+            gains.setdefault(k, []).append(gain[k])
+        cells = [f"{ms(acc[k])} | {ms(gain[k])} | {ms([x - y for x, y in zip(acc[k], acc['lft'])])}" for k in kinds]
+        print(f"| {label} | {params[-1] / 1e6:.2f} M | {ms(tc)} | {ms(acc['lft'])} | {ms(gain['lft'])} | ", end="")
+        print(" | ".join(cells) + f" |  (seeds {seeds})")
     print(f"\nno teacher, seeds {sorted(none)}: {ms(list(none.values()))}")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for k, label, colour in (("lft", "L_ft only (plain feature KD)", "C1"), ("full", "CustomKD", "C0")):
-        means = [statistics.mean(g) for g in gains[k]]
-        sds = [statistics.stdev(g) if len(g) > 1 else 0 for g in gains[k]]
-        ax.errorbar([p / 1e6 for p in params], means, yerr=sds, marker="o", capsize=3, color=colour, label=label)
+    for k, g in gains.items():
+        means = [statistics.mean(x) for x in g]
+        sds = [statistics.stdev(x) if len(x) > 1 else 0 for x in g]
+        ax.errorbar(
+            [p / 1e6 for p in params], means, yerr=sds, marker="o", capsize=3, color=KINDS[k][1], label=KINDS[k][0]
+        )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks([p / 1e6 for p in params], [f"{p / 1e6:.2f} M" for p in params])
     ax.set_xlabel("teacher parameters (millions)")
