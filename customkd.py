@@ -3,9 +3,6 @@
 Paper: J. Lee, D. Das, M. Hayat, S. Choi, K. Hwang, F. Porikli, "CustomKD: Customizing Large Vision Foundation for
 Edge Model Improvement via Knowledge Distillation", CVPR 2025, arXiv:2503.18244.
 
-Section 1 is all of CustomKD, top-down as in the paper's Fig. 2, and reads alone; the lines that *are* the method are
-tagged `# [CustomKD]`. Section 2 declares what a run holds; sections 3-7 are reference material.
-
   python customkd.py --dataset cifar100 --labels 10pct     # the main job (GPU + internet)
   python customkd.py --dataset synthetic                   # the offline CPU demo
   HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py    # the tests (CPU, no network)
@@ -47,8 +44,9 @@ from PIL import Image
 
 
 # ================================================================ 1. the method: all of CustomKD (paper Sec. 3, Fig. 2)
-# `kd` holds the run (section 2). Helpers from later sections: seeded batch plans, crops and flips (epoch_plan, augment;
-# 4), f_t (teacher_features; 5), several processes (shard, all_reduce, ...; 6: no-ops in one), timing and logs (7).
+# All of CustomKD, top-down as in the paper's Fig. 2; it reads alone, and the lines that *are* the method are tagged
+# `# [CustomKD]`. `kd` holds the run (section 2); sections 2-7 are reference material. Helpers from them: seeded batch
+# plans, crops, flips (epoch_plan, augment; 4), f_t (teacher_features; 5), processes (shard, ...; 6), logs (7).
 def run(args, teacher=None, student=None):
     """The paper's loop: every epoch customizes the teacher to the student (stage 1), then distils it (stage 2)."""
     kd = setup(args, teacher, student)  # models, projectors, data, optimizers, run folder: section 7
@@ -117,15 +115,14 @@ def distill_epoch(kd, epoch):
 
 def distill_step(kd, x, y_l, f_t):
     """[CustomKD] The stage-2 terms on one batch x = [x_l; x_u]. Returns {log key: term}."""
-    n_l = len(y_l)
     with kd.amp():
         f_s, logits, f_s_projected = kd.student_side(kd.view_s(x))  # (B, d_s), (B, C), (B, d_t) or None
         if kd.proj_custom is not None:
             with torch.no_grad():
                 f_t_custom = kd.proj_custom(f_t)  # (B, d_s): f~_t, P_c frozen in stage 2
     terms = {  # the losses in float32, outside autocast
-        "loss/sup": loss_sup(logits[:n_l], y_l),  # [CustomKD] L_L on D_L
-        "loss/entropy": loss_entropy(logits[n_l:]),  # [CustomKD] L_U on D_U
+        "loss/sup": loss_sup(logits[: len(y_l)], y_l),  # [CustomKD] L_L on D_L
+        "loss/entropy": loss_entropy(logits[len(y_l) :]),  # [CustomKD] L_U on D_U
     }
     if kd.proj_custom is not None:  # in the row space of the head stage 1 read through, or over all d_s
         head_weight = kd.head_c.weight if kd.args.custom_space == "head" else None
@@ -378,7 +375,7 @@ def build_parser():
     add("--custom-every", type=count, default=1, help="stage 1 every N epochs (default 1: the paper's best)")
     add("--custom-steps", type=num(int, 0, 10**6), default=50, help="stage 1: at least N steps (default 50; 0: a pass)")
     add("--custom-head", default="student", choices=["student", "random"], help="head reading P_c(f_t) in stage 1")
-    add("--custom-space", default="full", choices=["head", "full"], help="L_f~t in that head's row space, or full")
+    add("--custom-space", default="head", choices=["head", "full"], help="L_f~t in that head's row space, or full")
     add = p.add_argument_group("optimisation (--batch-size and --mu are global, at any process count)").add_argument
     add("--epochs", type=count, default=30, help="epochs, each = stage 1 + stage 2 (default 30)")
     add("--batch-size", type=count, default=64, help="labeled images per step (default 64)")
