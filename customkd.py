@@ -5,7 +5,7 @@ Edge Model Improvement via Knowledge Distillation", CVPR 2025, arXiv:2503.18244.
 
   python customkd.py --dataset cifar100 --labels 10pct     # the main job (GPU + internet)
   python customkd.py --dataset synthetic                   # the offline CPU demo
-  HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py    # the tests (CPU, no network)
+  HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py tools/test_tools.py   # the tests (CPU, no network)
 
 Measured (torch 2.14.1, timm 1.0.31, a 2-core AMD EPYC with AVX-512, no GPU; last-epoch accuracy, seed means): CustomKD
 with L_f~t in the head's row space (default) / over all of f_s (the paper's wording) / L_ft only: the demo (seeds 0-4)
@@ -48,9 +48,9 @@ from PIL import Image
 # All of CustomKD, top-down as in the paper's Fig. 2; it reads alone, and the lines that *are* the method are tagged
 # `# [CustomKD]`. `kd` holds the run (section 2); sections 2-7 are reference material. Helpers from them: seeded batch
 # plans, crops, flips (epoch_plan, augment; 4), f_t (teacher_features; 5), processes (shard, ...; 6), logs (7).
-def run(args, teacher=None, student=None):
+def run(args, teacher=None, student=None, **hooks):
     """The paper's loop: every epoch customizes the teacher to the student (stage 1), then distils it (stage 2)."""
-    kd = setup(args, teacher, student)  # models, projectors, data, optimizers, run folder: section 7
+    kd = setup(args, teacher, student, **hooks)  # models, projectors, data, optimizers, run folder: section 7
     for epoch in range(len(kd.history), args.epochs):  # with --resume, from the checkpoint's epoch
         row = dict.fromkeys(METRIC_KEYS) | {"epoch": epoch + 1}  # this epoch's line of metrics.jsonl
         if kd.proj_custom is not None and epoch % args.custom_every == 0:  # [CustomKD] alternate 1:1 (paper)
@@ -289,9 +289,9 @@ DEMO_CLASSES = 40  # the demo's generated classes: the student's task
 DEMO_TEACHER_CLASSES = 400  # other generated classes, 40 images each: the demo teacher learns them all first
 DEMO_STUDENT_CLASSES = 100  # the demo student learns the first 100 of them, for an eighth of the steps
 PARTS = ("student", "proj_custom", "proj_general", "head_c", "opt", "opt_custom")  # a checkpoint's state dicts
-IDENTITY = tuple(  # what a run is: --resume refuses a checkpoint written with other values
-    "dataset labels labeled_list split_seed teacher student teacher_kwargs student_kwargs train_dir "
-    "unlabeled_dir synthetic_size image_size demo_teacher_steps".split()
+IDENTITY = tuple(  # what a run is: --resume refuses a checkpoint written with other values (tools/large.py adds)
+    "dataset labels split_seed teacher student teacher_kwargs student_kwargs train_dir synthetic_size image_size "
+    "demo_teacher_steps".split()
 )
 METRIC_KEYS = tuple(  # each epoch's row in metrics.jsonl, in this order
     "epoch loss/customize loss/feat_custom loss/feat_general loss/sup loss/entropy acc/student "
@@ -349,9 +349,7 @@ def build_parser():
     add("--data-dir", default="./data", help="where CIFAR lives or is downloaded to (default ./data)")
     add("--train-dir", help="folder dataset: class folders of training images (the labeled candidates)")
     add("--test-dir", help="folder dataset: class folders of test images, none of them a training image")
-    add("--unlabeled-dir", help="folder dataset: class folders that are the unlabeled set instead (labels unread)")
-    add("--labeled-list", help="folder dataset: file of training images, a name per line, labeled instead of --labels")
-    add("--cache-dir", help="decoded folders, teacher features, demo models: kept for later runs (DATA_DIR/decoded)")
+    add("--cache-dir", help="the demo's models (tools/large.py: folders, teacher features) (DATA_DIR/decoded)")
     add("--workers", type=num(int, 1, 1024), help="processes that decode a folder (default: all cores)")
     add("--image-size", type=side, default=224, help="side of stored synthetic/folder images (default 224)")
     add("--synthetic-size", type=num(int, 10, 10**6), help="synthetic: training images, test ones up to 1000 (1600)")
@@ -387,7 +385,7 @@ def build_parser():
     add = p.add_argument_group("speed").add_argument
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast (auto: on CUDA only)")
-    add("--teacher-cache", action="store_true", help="teacher features of each image and its flip, kept in --cache-dir")
+    add("--teacher-cache", action="store_true", help="teacher features of each image and its flip, once per run")
     add("--compile", action="store_true", help="torch.compile the teacher and the student side")
     add("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     add = p.add_argument_group("run").add_argument
@@ -400,9 +398,10 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    """Every flag checked before any work: numbers by the parser, here paths and combinations."""
-    p = build_parser()
+def parse_args(argv=None, parser=None):
+    """Every flag checked before any work: numbers by the parser (build_parser()'s, or one that extends it), here paths
+    and combinations."""
+    p = parser or build_parser()
     args, unknown = p.parse_known_args(argv)
     if unknown:  # a misspelled flag gets the nearest real one
         near = difflib.get_close_matches(unknown[0].split("=")[0].replace("_", "-"), p._option_string_actions, 1)
@@ -423,18 +422,18 @@ def parse_args(argv=None):
         setattr(args, k, dict(kwargs))  # a copy: the defaults stay as they are
     if args.dataset == "folder" and not (args.train_dir and args.test_dir):
         p.error("--dataset folder needs --train-dir and --test-dir")
-    for k in ("train_dir", "test_dir", "unlabeled_dir", "labeled_list", "demo_teacher_steps", "synthetic_size"):
-        only = "folder" if k.endswith(("dir", "list")) else "synthetic"
+    for k in ("train_dir", "test_dir", "demo_teacher_steps", "synthetic_size"):
+        only = "folder" if k.endswith("dir") else "synthetic"
         if args.dataset != only and getattr(args, k) != p.get_default(k):
             p.error(f"{flag(k)} is only for --dataset {only}")
-    for k in ("train_dir", "test_dir", "unlabeled_dir", "labeled_list", "teacher_weights", "student_weights"):
+    for k in ("train_dir", "test_dir", "teacher_weights", "student_weights"):
         path = getattr(args, k)
         is_dir = k.endswith("dir")
         if path is not None and not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
             p.error(f"{flag(k)} {path!r} is not an existing {'folder' if is_dir else 'file'}")
     args.cache_dir = args.cache_dir or os.path.join(args.data_dir, "decoded")
     args.out_dir = args.out_dir or os.path.join("runs", f"{args.dataset}-{args.labels}-seed{args.seed}")
-    for k in ("data_dir", "cache_dir", "out_dir"):  # a folder that exists or can be made, and can be written
+    for k in ("data_dir", "cache_dir"):  # a folder that exists or can be made, and can be written
         up = os.path.abspath(getattr(args, k) or "/dev/null")
         while not os.path.exists(up):
             up = os.path.dirname(up)
@@ -512,48 +511,32 @@ def decode(size, files):
     return out, bad
 
 
-def decode_folder(files, args):
-    """Image files -> uint8 (N, 3, S, S) mapped from an array file, decoded once and reused while files and S stay.
-    The file's name hashes every file's path, size and modification time, so a changed image is decoded again."""
-    n, size = len(files), args.image_size
-    nbytes = n * 3 * size * size
-    stats = [(f, st.st_size, st.st_mtime_ns) for f, st in zip(files, map(os.stat, files))]
-    key = hashlib.sha1(json.dumps([stats, size]).encode()).hexdigest()[:16]
-    folder = os.path.basename(os.path.dirname(os.path.dirname(files[0])))
-    path = os.path.join(args.cache_dir, f"{folder}-{size}px-{key}.u8")
-    while int(os.environ.get("LOCAL_RANK", 0)) > 0 and not (os.path.exists(path) and os.path.getsize(path) == nbytes):
-        time.sleep(1)  # one process per machine decodes; the others wait for the file
-    if not (os.path.exists(path) and os.path.getsize(path) == nbytes):  # new, or cut short (a full disk, a bad copy)
-        os.makedirs(args.cache_dir, exist_ok=True)
-        free = shutil.disk_usage(args.cache_dir).free
-        if nbytes > free:  # now: a full disk mid-decode kills the process
-            raise Abort(f"{n} images at {size} px need {nbytes / 1e9:.1f} GB in --cache-dir: {free / 1e9:.1f} GB free")
-        say(f"customkd: decoding {n} images to {size} px, once, into {path}")
-        tmp = f"{path}.partial-{socket.gethostname()}-{os.getpid()}"
-        try:
-            out = torch.from_file(tmp, shared=True, size=nbytes, dtype=torch.uint8).view(n, 3, size, size)
-            workers = args.workers or len(os.sched_getaffinity(0))
-            loader = torch.utils.data.DataLoader(files, 256, num_workers=workers, collate_fn=partial(decode, size))
-            bad = []
-            for i, (x, unreadable) in enumerate(progress(loader, f"decoding {os.path.basename(path)}", n, 256)):
-                out[i * 256 : i * 256 + len(x)] = x
-                bad += unreadable
-            if bad:  # every one named: in the message when few, else in a file
-                listed = os.path.join(args.cache_dir, "unreadable.txt")
-                save_atomic("".join(f"{b}\n" for b in bad), listed)
-                some = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-                raise Abort(f"{len(bad)} image file(s) cannot be read: {some} (all in {listed}): remove or replace")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return torch.from_file(path, size=nbytes, dtype=torch.uint8).view(n, 3, size, size)
+def decode_images(files, args, out=None):
+    """Image files -> uint8 (N, 3, S, S), S = --image-size, decoded by --workers processes into `out` (default: a new
+    tensor in memory); every unreadable file is named, in the error line when few, else in --cache-dir."""
+    size = args.image_size
+    if out is None:
+        out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    workers = args.workers or len(os.sched_getaffinity(0))
+    gen = torch.Generator()  # its own: a decode leaves the seeded global generator where it was
+    loader = torch.utils.data.DataLoader(
+        files, 256, num_workers=workers, collate_fn=partial(decode, size), generator=gen
+    )
+    bad = []
+    for i, (x, unreadable) in enumerate(progress(loader, f"decoding {len(files)} images", len(files), 256)):
+        out[i * 256 : i * 256 + len(x)] = x
+        bad += unreadable
+    if bad:
+        listed = os.path.join(args.cache_dir, "unreadable.txt")
+        save_atomic("".join(f"{b}\n" for b in bad), listed)
+        some = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise Abort(f"{len(bad)} image file(s) cannot be read: {some} (all in {listed}): remove or replace")
+    return out
 
 
 def load_data(args):
-    """-> uint8 (N, 3, H, W) images and labels (folders: checked file lists, decoded once the models are built)."""
+    """-> {train_x, train_y, test_x, test_y, classes}: uint8 (N, 3, H, W) images, their labels, the class names. (The
+    data a run is given: `main(data=...)` replaces this function; its dict may add labeled_idx and unlabeled_idx.)"""
     if args.dataset == "synthetic":  # + images of other classes for the demo's pre-training, if it runs
         n = args.synthetic_size
         n_test = min(n, 1000)
@@ -569,19 +552,20 @@ def load_data(args):
         test_x, test_y, _ = load_cifar(args.dataset, args.data_dir, False)
         return dict(train_x=x, train_y=y, test_x=test_x, test_y=test_y, classes=classes)
     files, y, classes = list_folder("--train-dir", args.train_dir)
-    names = [os.path.relpath(f, os.path.abspath(args.train_dir)) for f in files]
-    if args.unlabeled_dir:  # the target domain, after the source; its labels are never read
-        unlabeled = list_folder("--unlabeled-dir", args.unlabeled_dir, classes)[0]
-        files = files + unlabeled
-        y = y + [-1] * len(unlabeled)
     test_files, test_y, _ = list_folder("--test-dir", args.test_dir, classes)
-    train = {os.path.join(os.path.realpath(args.train_dir), name) for name in names}
+    refuse_shared(args, files, test_files)
+    data = dict(train_x=decode_images(files, args), train_y=torch.tensor(y), test_y=torch.tensor(test_y))
+    return data | dict(test_x=decode_images(test_files, args), classes=classes)
+
+
+def refuse_shared(args, train_files, test_files):
+    """A test image that is also a training image (the same file, or through a linked folder) stops the run."""
+    root = os.path.abspath(args.train_dir)
+    train = {os.path.join(os.path.realpath(root), os.path.relpath(f, root)) for f in train_files}
     shared = [f for f in test_files if os.path.realpath(f) in train]
     if shared:
         which = f"{len(shared)} of the --train-dir images (e.g. {shared[0]})"
         raise Abort(f"--test-dir {args.test_dir!r} holds {which}; test images must not be training images")
-    data = dict(train_files=files, train_y=torch.tensor(y), test_files=test_files, test_y=torch.tensor(test_y))
-    return data | dict(classes=classes, names=names)  # names: the --train-dir images, relative to it
 
 
 def parse_labels(spec):
@@ -612,23 +596,6 @@ def split_labeled(targets, labels, num_classes, seed):
             raise Abort(f"--labels {labels}: class {c} has {len(idx)} images, so it would get {k} labeled ones")
         chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     return torch.cat(chosen).sort().values, torch.arange(len(targets))
-
-
-def read_labeled_list(path, names):
-    """--labeled-list: training images by file name (as the published ImageNet subsets) or class/file -> indices."""
-    where = {n: i for i, n in enumerate(names)}
-    for i, name in enumerate(names):  # a bare file name, unless two folders hold one of that name
-        base = os.path.basename(name)
-        where[base] = None if where.get(base, i) != i else i
-    with open(path, errors="replace") as f:
-        wanted = [line.strip() for line in f if line.strip()]
-    if not wanted:
-        raise Abort(f"--labeled-list {path}: no names in it")
-    missing = [w for w in wanted if where.get(w) is None]
-    if missing:
-        e_g = f"e.g. {missing[0]!r}"
-        raise Abort(f"--labeled-list {path}: {len(missing)} name(s) are not in --train-dir or are ambiguous, {e_g}")
-    return torch.tensor(sorted({where[w] for w in wanted}))
 
 
 def plan_generator(seed, epoch, stage):
@@ -827,10 +794,10 @@ def teacher_features(kd, plan=None, x=None):
     return f_t.clone()  # a normal tensor again, so that autograd may save it
 
 
-def build_teacher_cache(kd, with_train):
+def build_teacher_cache(kd, with_train, keep=None):
     """Teacher features, once, over the processes: of the test images; with --teacher-cache also of every training
-    image and of its mirror image, kept in --cache-dir under a hash of the teacher's name, arguments, weights and
-    buffers, input side and normalisation, the precision and the images, and read back by later runs."""
+    image and of its mirror image (rows 2i and 2i + 1), so that no epoch runs the teacher. keep(kd, make): a hook
+    that may keep them for later runs (tools/large.py: on disk); default make()."""
     t0 = clock(kd.device)
     dtype = torch.bfloat16 if kd.bf16 else torch.float32
 
@@ -841,18 +808,12 @@ def build_teacher_cache(kd, with_train):
     def compute(x, views, what):  # -> (views * N, d_t), gathered on the host
         return sharded_rows(len(x), kd.batch_eval, partial(rows, x, views), kd.device, torch.device("cpu"), what)
 
-    def make():  # every training image and its mirror image (rows 2i and 2i + 1), every test image
+    def make():  # every training image and its mirror image, every test image
         train, test = compute(kd.x_pool, 2, "teacher (training images)"), compute(kd.x_test, 1, "teacher (test images)")
         return {"cache_train": train.flatten(0, 1), "cache_test": test.flatten(0, 1)}
 
-    if with_train:  # the file's name hashes all that decides the features, so that nothing stale is ever reused
-        cfg = timm.data.resolve_model_data_config(kd.teacher)
-        about = [kd.args.teacher, kd.args.teacher_kwargs, kd.args.teacher_res, cfg["mean"], cfg["std"], str(dtype)]
-        about.append("pre-logits of each image and its mirror image")
-        digest = fingerprint(about, kd.teacher, kd.x_pool, kd.x_test)
-        name = f"teacher-{re.sub(r'[^0-9A-Za-z]', '_', kd.args.teacher)}-{kd.args.teacher_res}px-{digest}.pt"
-        shapes = {"cache_train": (2 * len(kd.x_pool), kd.d_t), "cache_test": (len(kd.x_test), kd.d_t)}
-        saved = cached(kd, os.path.join(kd.args.cache_dir, name), shapes, "teacher features", make)
+    if with_train:
+        saved = keep(kd, make) if keep else make()
         kd.cache_train = to_device_if_fits(saved["cache_train"], kd.device)  # image i at row 2i, its mirror at 2i+1
     else:
         say(f"customkd: teacher features of {len(kd.x_test)} test images")
@@ -867,7 +828,7 @@ def fingerprint(about, model, *arrays):
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    for x in arrays:  # a decoded folder by its mapped file's name, itself a hash of the image files
+    for x in arrays:  # a memory-mapped array (tools/large.py's folders) by its file's name, a hash of the images
         mapped = x.untyped_storage().filename if x.device.type == "cpu" else None
         h.update(os.path.basename(mapped).encode() if mapped else x.cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()[:16]
@@ -949,8 +910,10 @@ def sharded_rows(n, batch, fn, device, out_device, what):
 
 
 # ================================================================ 7. bookkeeping: set-up, logs, checkpoints, errors
-def setup(args, teacher=None, student=None):
-    """Everything before the first epoch: processes, data, models, projectors, split, optimizers, run folder, cache."""
+def setup(args, teacher=None, student=None, data=None, keep_features=None):
+    """Everything before the first epoch: processes, data, models, projectors, split, optimizers, run folder, cache.
+    Hooks: data(args) -> the data a run is given (default load_data); keep_features(kd, make) -> the teacher's
+    features, {cache_train, cache_test} = make() by default (tools/large.py keeps them on disk for later runs)."""
     device = init_process(args)
     kd = KDState(args, device=device)
     args.teacher = type(teacher).__name__ if teacher is not None else args.teacher  # your own modules: by their class
@@ -964,18 +927,15 @@ def setup(args, teacher=None, student=None):
         torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA lacks a few kernels
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.manual_seed(args.seed)
-    data = load_data(args)  # CIFAR and the demo load in seconds; folders are listed and checked now, decoded below
+    data = (data or load_data)(args)
     num_classes = len(data["classes"])
     build(kd, num_classes, teacher, student)
-    if args.dataset == "folder":  # after the models, so that their errors come first
-        data["train_x"] = decode_folder(data["train_files"], args)
-        data["test_x"] = decode_folder(data["test_files"], args)
-    if args.labeled_list:
-        kd.labeled_idx = read_labeled_list(args.labeled_list, data["names"])
-    else:  # --unlabeled-dir's images are labeled -1: never chosen
+    if "labeled_idx" in data:  # given with the data (tools/large.py: --labeled-list)
+        kd.labeled_idx = data["labeled_idx"]
+    else:  # class-balanced; images labeled -1 (an unlabeled domain) are never chosen
         kd.labeled_idx = split_labeled(data["train_y"], args.labels, num_classes, args.split_seed)[0]
-    # D_U: every training image, the labeled ones included (FixMatch/USB); with --unlabeled-dir, that folder alone
-    kd.unlabeled_idx = torch.arange(len(data["names"]) if args.unlabeled_dir else 0, len(data["train_x"]))
+    # D_U: every training image, the labeled ones included (FixMatch/USB), unless the data says otherwise
+    kd.unlabeled_idx = data.get("unlabeled_idx", torch.arange(len(data["train_x"])))
     if ckpt is not None and not torch.equal(ckpt["labeled_idx"], kd.labeled_idx):
         raise Abort("--resume: the labeled split differs from the checkpoint's (different data?)")
     kd.x_pool = to_device_if_fits(data["train_x"], device)
@@ -1007,7 +967,7 @@ def setup(args, teacher=None, student=None):
             if os.path.exists(out_file(args, name)):
                 os.remove(out_file(args, name))
     if kd.teacher is not None:  # test features always (the teacher is frozen); train features with --teacher-cache
-        build_teacher_cache(kd, args.teacher_cache)
+        build_teacher_cache(kd, args.teacher_cache, keep_features)
     sizes = f"{len(kd.labeled_idx)} labeled / {len(kd.unlabeled_idx)} unlabeled / {len(kd.x_test)} test"
     models = f"{args.student} <- {args.teacher if kd.teacher is not None else 'no teacher'}"
     machine = f"{device.type} x {PROC.world}, {'bf16' if kd.bf16 else 'fp32'}"
@@ -1045,7 +1005,7 @@ def save_epoch(kd, row):
     kd.history.append(row)
     if PROC.rank == 0:
         ckpt = dict(
-            identity={k: getattr(kd.args, k) for k in IDENTITY},
+            identity={k: getattr(kd.args, k, None) for k in IDENTITY},
             epoch=row["epoch"],
             history=kd.history,
             labeled_idx=kd.labeled_idx,
@@ -1116,6 +1076,19 @@ def out_file(args, name):
     return os.path.join(args.out_dir, name)
 
 
+def make_run_folder(args):
+    """--out-dir, made and written to before any work. -> its path if this run made it (so it goes if left empty)"""
+    new = not os.path.exists(args.out_dir)
+    probe = os.path.join(args.out_dir, f".probe-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise Abort(f"--out-dir {args.out_dir!r} cannot be made or written to ({e.strerror})") from None
+    return args.out_dir if new else None
+
+
 def load_checkpoint(args):
     """Load with weights_only=True (never runs pickled code) and refuse a checkpoint of another run."""
     path = out_file(args, "checkpoint.pt")
@@ -1125,8 +1098,8 @@ def load_checkpoint(args):
     except Exception as e:
         raise Abort(f"--resume: no readable CustomKD checkpoint at {path} ({type(e).__name__})") from None
     for k in IDENTITY:
-        if ckpt["identity"].get(k) != getattr(args, k):
-            was = f"{flag(k)} {ckpt['identity'].get(k)}, not {getattr(args, k)}"
+        if ckpt["identity"].get(k) != getattr(args, k, None):
+            was = f"{flag(k)} {ckpt['identity'].get(k)}, not {getattr(args, k, None)}"
             raise Abort(f"--resume: {path} was written with {was}; use the original value or another --out-dir")
     return ckpt
 
@@ -1171,12 +1144,16 @@ def progress(items, what, total, per=1):
             print(f"{what}: {done}/{total}, {rate:.0f}/s, {(total - done) / rate:.0f} s left", file=sys.stderr)
 
 
-def main(argv=None, teacher=None, student=None):
-    """The CLI -> the summary dict; `teacher`/`student`: your own modules. Expected failures (flags, data, files, disk,
-    interruption, a non-finite loss) are one line and an exit code; anything else shows its traceback."""
+def main(argv=None, teacher=None, student=None, parse=parse_args, **hooks):
+    """The CLI -> the summary dict; `teacher`/`student`: your own modules; parse(argv) -> args, and setup's hooks (data,
+    keep_features): how tools/large.py extends this file. Expected failures (flags, data, files, disk, interruption,
+    a non-finite loss) are one line and an exit code; anything else shows its traceback."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
+    made = None
     try:
-        out = run(parse_args(argv), teacher, student)
+        args = parse(argv)
+        made = make_run_folder(args)
+        out = run(args, teacher, student, **hooks)
         if dist.is_initialized():
             dist.destroy_process_group()
         return out
@@ -1194,6 +1171,8 @@ def main(argv=None, teacher=None, student=None):
         fail(f"unexpected {type(e).__name__} (traceback above): {what}; out of memory? lower --batch-size", 1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if made and not os.listdir(made):  # a run that stopped before writing anything leaves no folder behind
+            os.rmdir(made)
 
 
 if __name__ == "__main__":

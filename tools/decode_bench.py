@@ -1,9 +1,9 @@
 """Decoding speed: a per-image loop (torchvision ImageFolder + Resize + CenterCrop) against customkd's array decode.
 
-    python docs/decode_bench.py ROOT SIZE [TMP]
+    python tools/decode_bench.py ROOT SIZE [TMP]
 
-Decodes the class folders under ROOT to SIZE px with the per-image loop, then with customkd.decode_folder and 1 and
-2 worker processes (arrays under TMP, default a new temporary folder), and says whether the pixels are the same.
+Decodes the class folders under ROOT to SIZE px with the per-image loop, then with large.decode_folder and 1 and 2
+worker processes (arrays under TMP, default a new temporary folder), and says whether the pixels are the same.
 """
 
 import os
@@ -14,8 +14,9 @@ import time
 import torch
 import torchvision
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import customkd as ck  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import large  # noqa: E402
+from large import ck  # noqa: E402
 
 root, size = sys.argv[1], int(sys.argv[2])
 tmp = sys.argv[3] if len(sys.argv) > 3 else tempfile.mkdtemp()
@@ -27,7 +28,7 @@ ds = torchvision.datasets.ImageFolder(root, transform=tf)
 x_old = torch.stack([ds[i][0] for i in range(len(ds))])
 print(f"per-image loop: {len(ds) / (time.perf_counter() - t):.0f} img/s")
 for workers in (1, 2):
-    args = ck.parse_args(
+    args = large.parse_args(
         [
             "--dataset",
             "folder",
@@ -46,5 +47,5 @@ for workers in (1, 2):
         ]
     )
     t = time.perf_counter()
-    x = ck.decode_folder(ck.list_folder("--train-dir", root)[0], args)
+    x = large.decode_folder(ck.list_folder("--train-dir", root)[0], args)
     print(f"{workers} worker(s): {len(x) / (time.perf_counter() - t):.0f} img/s, same pixels: {torch.equal(x, x_old)}")

@@ -1,7 +1,7 @@
 """The paper's Fig. 3 in miniature: t-SNE of f_s, P_c(f_t), f_t, customized through the student's head or a random one.
 
     pip install scikit-learn matplotlib    # only this script needs them: not in requirements.txt
-    python docs/tsne.py RUN_STUDENT_HEAD RUN_RANDOM_HEAD OUT.png
+    python tools/tsne.py RUN_STUDENT_HEAD RUN_RANDOM_HEAD OUT.png
 
 Each run folder holds features.pt, written at the end of every customkd.py run: the evaluation sample's f_s,
 f_t_custom = P_c(f_t), f_t and labels y. The two runs are the same command with --custom-head student and

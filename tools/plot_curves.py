@@ -1,7 +1,7 @@
 """The demo's curves per epoch over seeds: accuracies, L_f~t, the scales of f_s and P_c(f_t), where f_s lies, CKA.
 
     pip install matplotlib          # only this script needs it: not in requirements.txt
-    python docs/plot_curves.py RUNS OUT.png
+    python tools/plot_curves.py RUNS OUT.png
 
 Reads RUNS/demo-ROW-SEED/metrics.jsonl (ROW: head, full, lfc, random, lft, none), as the loop in docs/results.md
 writes them; a row with no runs is left out. Thin lines are the seeds, thick lines their mean.

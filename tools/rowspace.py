@@ -1,6 +1,6 @@
 """How much of each feature in a run's features.pt lies in the span of the student head's rows.
 
-    python docs/rowspace.py RUN_DIR [RUN_DIR ...]
+    python tools/rowspace.py RUN_DIR [RUN_DIR ...]
 
 For f_t_custom = P_c(f_t) and f_s (test images, centred): the share of their energy inside the
 row space of h (the student's linear classifier, from student.pt). Directions at random would give

@@ -1,6 +1,6 @@
 """Make a folder of JPEGs in 10 class folders (smooth colour patterns plus noise), for the folder benchmarks.
 
-    python docs/make_jpegs.py ROOT N W H [SEED]
+    python tools/make_jpegs.py ROOT N W H [SEED]
 
 N images of W x H pixels under ROOT/c0 ... ROOT/c9. A SEED gives other images of the same 10 classes (a test folder).
 """

@@ -1,7 +1,7 @@
 """The teacher-size sweep of docs/results.md (the paper's Fig. 1 and Table 5 in miniature): a table and a picture.
 
     pip install matplotlib          # only this script needs it: not in requirements.txt
-    python docs/plot_sweep.py RUNS OUT.png
+    python tools/plot_sweep.py RUNS OUT.png
 
 Reads RUNS/sweep-SIZE-{lft,head,full}-SEED/summary.json (a kind with no runs is left out) and
 RUNS/sweep-none-SEED/summary.json, as the loop in docs/results.md writes them. Prints a Markdown table (mean +- std over

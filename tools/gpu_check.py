@@ -1,7 +1,7 @@
 """The GPU check: the speed figures that the README leaves "not yet measured", in one run of a few minutes.
 
-    python docs/gpu_check.py [--out gpu_check.md] [--images 10000]   # on a machine with a GPU
-    python docs/gpu_check.py --tiny [--out FILE]                    # a seconds-long CPU version (the tests run it)
+    python tools/gpu_check.py [--out gpu_check.md] [--images 10000]   # on a machine with a GPU
+    python tools/gpu_check.py --tiny [--out FILE]                    # a seconds-long CPU version (the tests run it)
 
 Random weights throughout (nothing is downloaded), so the numbers are speed and memory, never accuracy. The data are
 generated CIFAR-sized images (32 px) that every model sees resized to its own input side on the device, as in a real

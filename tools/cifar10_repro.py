@@ -1,12 +1,12 @@
 """CustomKD on real photos at CPU scale: CIFAR-10 taught by a task-general teacher, a ResNet-56 trained on CIFAR-100.
 
-    python docs/cifar10_repro.py run --train-dir cifar10/train --test-dir cifar10/test \\
+    python tools/cifar10_repro.py run --train-dir cifar10/train --test-dir cifar10/test \\
         --student-weights mobilenetv3_small_050-cifar100-6ep.pt --teacher-weights cifar100_resnet56-f2eff4c8.pt \\
         --budget 1pct --rows none lft head full --seeds 0 1 2 --runs runs/real
-    python docs/cifar10_repro.py run --cifar10 DATA_DIR ...       # torchvision's CIFAR-10 instead of the JPEG folders
-    python docs/cifar10_repro.py table --runs runs/real           # every finished run: mean +- std, paired t
-    python docs/cifar10_repro.py table --runs runs/variant --against runs/real   # a variant against the same rows
-    python docs/cifar10_repro.py ceiling --train-dir ... --budget 1pct   # the best linear read-out of f_t
+    python tools/cifar10_repro.py run --cifar10 DATA_DIR ...       # torchvision's CIFAR-10 instead of the JPEG folders
+    python tools/cifar10_repro.py table --runs runs/real           # every finished run: mean +- std, paired t
+    python tools/cifar10_repro.py table --runs runs/variant --against runs/real   # a variant against the same rows
+    python tools/cifar10_repro.py ceiling --train-dir ... --budget 1pct   # the best linear read-out of f_t
 
 CIFAR-10 and CIFAR-100 share no class, so the teacher never saw the student's classes (the paper's premise about
 DINOv2, in miniature). Without --teacher-weights the teacher comes from the release URL (SHA-256 checked). Every run
@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import customkd as ck  # noqa: E402
+import large  # noqa: E402
 from ceiling import linear_ceiling  # noqa: E402
 from cifar_resnet import cifar_resnet  # noqa: E402
 
@@ -67,7 +68,7 @@ def run(a):
                     continue
                 argv = data_args(a) + SETTINGS + ROWS[row] + ["--labels", BUDGETS[budget], "--seed", str(seed)]
                 argv += ["--student-weights", a.student_weights, "--out-dir", out, "--overwrite", *a.extra]
-                summary = ck.main(argv, teacher=teacher(a) if row != "none" else None)
+                summary = large.main(argv, teacher=teacher(a) if row != "none" else None)
                 print(f"{out}: {summary['acc_student_last']:.4f} in {summary['wall_time_s']:.0f} s", flush=True)
 
 
@@ -140,7 +141,7 @@ def table(a):
 
 
 def ceiling(a):
-    """The best linear read-out of the teacher's f_t on each budget's labels (docs/ceiling.py), at --split-seed 0."""
+    """The best linear read-out of the teacher's f_t on each budget's labels (tools/ceiling.py), at --split-seed 0."""
     for budget in a.budget:
         argv = data_args(a) + SETTINGS + ["--labels", BUDGETS[budget], *a.extra]
         accuracy, l2, n = linear_ceiling(argv, teacher=teacher(a))

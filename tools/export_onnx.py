@@ -1,7 +1,7 @@
 """Take a run's student to ONNX, the format edge runtimes load, and check that it answers as PyTorch does.
 
     pip install onnx onnxscript onnxruntime        # only this script needs them: not in requirements.txt
-    python docs/export_onnx.py RUN_DIR [--batch 8] [--atol 1e-4] [--repeats 200]
+    python tools/export_onnx.py RUN_DIR [--batch 8] [--atol 1e-4] [--repeats 200]
 
 Loads RUN_DIR/student.pt (with weights_only=True) and RUN_DIR/args.json (the student's timm name, keyword arguments and
 input side), rebuilds the student, exports it to RUN_DIR/student.onnx (one file, batch size free), then feeds one

@@ -1,6 +1,6 @@
 """The linear ceiling: the best linear read-out of the teacher's f_t on a run's labeled images, scored on its test set.
 
-    python docs/ceiling.py --dataset synthetic --split-seed 0     # any customkd.py flags: the run's data and teacher
+    python tools/ceiling.py --dataset synthetic --split-seed 0     # any customkd.py flags: the run's data and teacher
 
 Stage 1 is a linear read-out of f_t through the student's head, so this bounds what `acc/teacher_custom` can reach. The
 run is set up as customkd.py would (its data, its labeled split, its teacher, with --teacher-cache: each labeled image
@@ -15,14 +15,15 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import customkd as ck  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import large  # noqa: E402
+from large import ck  # noqa: E402
 
 
 def linear_ceiling(argv, teacher=None):
     """-> (best test accuracy, its L2 weight, number of labeled images) for the run that argv describes."""
     with tempfile.TemporaryDirectory() as out:
-        kd = ck.setup(ck.parse_args([*argv, "--teacher-cache", "--out-dir", out, "--overwrite"]), teacher=teacher)
+        kd = large.setup([*argv, "--teacher-cache", "--out-dir", out, "--overwrite"], teacher=teacher)
     rows = torch.stack([2 * kd.labeled_idx, 2 * kd.labeled_idx + 1], 1).flatten()
     x, y = kd.cache_train[rows].float(), kd.y_pool[kd.labeled_idx].repeat_interleave(2)
     mean, std = x.mean(0), x.std(0) + 1e-6
