@@ -66,10 +66,10 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def run_main(argv, capsys=None, **kw):
-    """main() -> (exit code, summary or None, stderr)."""
+def run_main(argv, capsys=None, main=ck.main, **kw):
+    """main() (customkd's, or another entry point's) -> (exit code, summary or None, stderr)."""
     try:
-        out = ck.main(argv, **kw)
+        out = main(argv, **kw)
         code = 0
     except SystemExit as e:
         out, code = None, e.code

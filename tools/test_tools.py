@@ -33,19 +33,19 @@ from test_customkd import (  # noqa: E402, F401 (in_tmp and demo are fixtures)
     in_tmp,
     reference_decode,
     rows,
+    run_main,
     write_folder,
 )
 
 
 def run_large(argv, capsys=None, **kw):
     """tools/large.py's main() -> (exit code, summary or None, stderr)."""
-    try:
-        out = large.main(argv, **kw)
-        code = 0
-    except SystemExit as e:
-        out, code = None, e.code
-    err = capsys.readouterr().err if capsys else ""
-    return code, out, err
+    return run_main(argv, capsys, main=large.main, **kw)
+
+
+def folders(tmp_path, **names):
+    """folders(tmp, train="src", test="test") -> ["--train-dir", "tmp/src", "--test-dir", "tmp/test"]"""
+    return [x for k, v in names.items() for x in (f"--{k}-dir", str(tmp_path / v))]
 
 
 def load_mapped(root, args):
@@ -281,16 +281,7 @@ def test_interrupted_decode_leaves_nothing_that_is_reused(tmp_path, monkeypatch)
 def test_mapped_array_and_in_memory_runs_give_the_same_metrics(tmp_path, monkeypatch):
     write_folder(tmp_path / "src", ["cat", "dog"], 10, 0)
     write_folder(tmp_path / "test", ["cat", "dog"], 4, 2)
-    common = folder_args(
-        tmp_path,
-        "--train-dir",
-        str(tmp_path / "src"),
-        "--test-dir",
-        str(tmp_path / "test"),
-        "--labels",
-        "50pct",
-        "--deterministic",
-    )
+    common = folder_args(tmp_path, *folders(tmp_path, train="src", test="test"), "--labels", "50pct", "--deterministic")
     one = torch.zeros(1)
     assert ck.to_device_if_fits(one, CPU) is one  # on a CPU the pool stays the mapped array file
     assert run_large(common + ["--out-dir", str(tmp_path / "mapped")])[0] == 0
@@ -303,21 +294,8 @@ def test_mapped_array_and_in_memory_runs_give_the_same_metrics(tmp_path, monkeyp
 def test_folder_dataset_for_domain_adaptation(tmp_path):
     for d, n, s in (("src", 6, 0), ("tgt", 5, 1), ("tgt_test", 4, 2)):
         write_folder(tmp_path / d, ["cat", "dog"], n, s)
-    code, summary, _ = run_large(
-        folder_args(
-            tmp_path,
-            "--train-dir",
-            str(tmp_path / "src"),
-            "--unlabeled-dir",
-            str(tmp_path / "tgt"),
-            "--test-dir",
-            str(tmp_path / "tgt_test"),
-            "--labels",
-            "all",
-            "--out-dir",
-            str(tmp_path / "r"),
-        )
-    )
+    dirs = folders(tmp_path, train="src", unlabeled="tgt", test="tgt_test", out="r")
+    code, summary, _ = run_large(folder_args(tmp_path, *dirs, "--labels", "all"))
     assert code == 0 and summary["num_labeled"] == 12 and summary["num_unlabeled"] == 10
     assert summary["num_train_images"] == 22
 
@@ -328,15 +306,7 @@ def test_labeled_list_picks_exactly_the_listed_images(tmp_path, capsys):
     listed = tmp_path / "list.txt"  # a bare file name (unique, as ImageNet's are) or a path under --train-dir
     listed.write_text("unique.png\ndog/4.png\n\ndog/0.png\n")
     write_folder(tmp_path / "test", ["cat", "dog"], 2, 1)
-    args = folder_args(
-        tmp_path,
-        "--train-dir",
-        str(tmp_path / "src"),
-        "--test-dir",
-        str(tmp_path / "test"),
-        "--labeled-list",
-        str(listed),
-    )
+    args = folder_args(tmp_path, *folders(tmp_path, train="src", test="test"), "--labeled-list", str(listed))
     code, summary, _ = run_large(args + ["--out-dir", str(tmp_path / "r")])
     assert code == 0 and summary["num_labeled"] == 3 and summary["num_unlabeled"] == 13
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["labeled_idx"].tolist() == [6, 7, 11]
@@ -349,18 +319,7 @@ def test_too_little_disk_for_the_array_stops_before_decoding(tmp_path, capsys, m
     write_folder(tmp_path / "src", ["cat", "dog"], 3, 0)
     write_folder(tmp_path / "test", ["cat", "dog"], 2, 1)
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
-    code, _, err = run_large(
-        folder_args(
-            tmp_path,
-            "--train-dir",
-            str(tmp_path / "src"),
-            "--test-dir",
-            str(tmp_path / "test"),
-            "--out-dir",
-            str(tmp_path / "r"),
-        ),
-        capsys,
-    )
+    code, _, err = run_large(folder_args(tmp_path, *folders(tmp_path, train="src", test="test", out="r")), capsys)
     assert code == 2 and "6 images at 32 px need 0.0 GB in --cache-dir: 0.0 GB free" in err
     assert os.listdir(tmp_path / "cache") == []
 
