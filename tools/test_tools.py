@@ -22,13 +22,12 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import large  # noqa: E402
 from large import ck  # noqa: E402
-from test_customkd import (  # noqa: E402, F401 (in_tmp and demo are fixtures)
+from test_customkd import (  # noqa: E402, F401 (in_tmp is a fixture)
     CPU,
     ENV,
     HERE,
     TINY,
     CountingTeacher,
-    demo,
     folder_args,
     in_tmp,
     reference_decode,
@@ -36,6 +35,14 @@ from test_customkd import (  # noqa: E402, F401 (in_tmp and demo are fixtures)
     run_main,
     write_folder,
 )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A short run of the demo's models, for the scripts that read a run folder."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert run_main(TINY + ["--out-dir", str(out)])[0] == 0
+    return out
 
 
 def run_large(argv, capsys=None, **kw):
@@ -365,10 +372,10 @@ def test_benchmark_scripts_in_docs_run_as_their_pages_say(tmp_path, monkeypatch,
         assert (tmp_path / "runs" / mode / "student.pt").exists()
 
 
-def test_export_onnx_matches_pytorch(demo):  # noqa: F811 (the fixture imported above)
+def test_export_onnx_matches_pytorch(run_dir):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnx onnxscript onnxruntime)")
     pytest.importorskip("onnxscript", reason="onnxscript is not installed (the exporter needs it)")
-    _, _, out = demo
+    out = run_dir
     p = subprocess.run(
         [sys.executable, os.path.join(HERE, "tools", "export_onnx.py"), str(out), "--repeats", "5"],
         capture_output=True,
@@ -397,7 +404,7 @@ def test_export_onnx_matches_pytorch(demo):  # noqa: F811 (the fixture imported 
     assert p.returncode == 2 and "no student.pt" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_rowspace_script_measures_the_share_in_the_heads_row_space(demo, tmp_path, capsys):  # noqa: F811
+def test_rowspace_script_measures_the_share_in_the_heads_row_space(run_dir, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("rowspace", os.path.join(HERE, "tools", "rowspace.py"))
     rowspace = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rowspace)
@@ -408,7 +415,7 @@ def test_rowspace_script_measures_the_share_in_the_heads_row_space(demo, tmp_pat
     mixed = torch.cat([inside, outside], 1)
     expect = (inside - inside.mean(0)).pow(2).sum() / (mixed - mixed.mean(0)).pow(2).sum()
     assert rowspace.row_space_share(mixed, w) == pytest.approx(expect.item())
-    _, _, out = demo
+    out = run_dir
     rowspace.main([str(out)])
     line = capsys.readouterr().out
     shares = dict(re.findall(r"(f_t_custom|f_s) (\d\.\d{3})", line))
@@ -419,7 +426,7 @@ def test_rowspace_script_measures_the_share_in_the_heads_row_space(demo, tmp_pat
 
 
 def test_stage2_profile_script_times_and_profiles_each_setting(capsys):
-    docs_module("profile_stage2").main(["--images", "400", "--rounds", "1", "--top", "3"])
+    docs_module("profile_stage2").main(["--images", "200", "--rounds", "1", "--top", "3"])
     out = capsys.readouterr().out
     for name in ("student alone", "CustomKD, cached teacher", "CustomKD, online teacher"):
         assert re.search(rf"^{name}: \d+\.\d\d s an epoch \(\d+\.\d\dx the student alone\), CPU \d", out, re.M), name
