@@ -6,6 +6,7 @@ Edge Model Improvement via Knowledge Distillation", CVPR 2025, arXiv:2503.18244.
   python customkd.py --dataset cifar100 --labels 10pct     # the main job (GPU + internet)
   python customkd.py --dataset synthetic                   # the offline CPU demo
   HF_HUB_OFFLINE=1 python -m pytest -q test_customkd.py tools/test_tools.py   # the tests (CPU, no network)
+  python tools/large.py --dataset folder ...   # the paper's large settings: this file, extended through its hooks
 
 Measured (torch 2.14.1, timm 1.0.31, a 2-core AMD EPYC with AVX-512, no GPU; last-epoch accuracy, seed means): CustomKD
 with L_f~t in the head's row space (default) / over all of f_s (the paper's wording) / L_ft only: the demo (seeds 0-4)
