@@ -15,25 +15,19 @@ with L_f~t in the head's row space (default) / over all of f_s (the paper's word
 """
 
 import argparse
-import difflib
-import errno
 import hashlib
-import io
 import json
 import math
 import os
 import re
 import resource
-import shutil
 import signal
 import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
-from typing import Callable
 
 import timm
 import torch
@@ -51,7 +45,7 @@ from PIL import Image
 # plans, crops, flips (epoch_plan, augment; 4), f_t (teacher_features; 5), processes (shard, ...; 6), logs (7).
 def run(args, teacher=None, student=None, **hooks):
     """The paper's loop: every epoch customizes the teacher to the student (stage 1), then distils it (stage 2)."""
-    kd = setup(args, teacher, student, **hooks)  # models, projectors, data, optimizers, run folder: section 7
+    kd = setup(args, teacher, student, **hooks)  # models, projectors, data, optimizers, the state kd: section 2
     for epoch in range(len(kd.history), args.epochs):  # with --resume, from the checkpoint's epoch
         row = dict.fromkeys(METRIC_KEYS) | {"epoch": epoch + 1}  # this epoch's line of metrics.jsonl
         if kd.proj_custom is not None and epoch % args.custom_every == 0:  # [CustomKD] alternate 1:1 (paper)
@@ -68,9 +62,8 @@ def customize_epoch(kd, epoch):
     set_stage(kd, 1)
     batch = global_batch(kd.args.batch_size, len(kd.labeled_idx))
     steps = max(len(kd.labeled_idx) // batch, kd.args.custom_steps)  # >=50 steps, D_L cycled; 0: a pass (the paper)
-    plan = epoch_plan(kd.labeled_idx, batch, steps, plan_generator(kd.args.seed, epoch, 1), kd.pad)
     log = []
-    for p in progress(plan, "stage 1", steps * batch, batch):
+    for p in epoch_plan(kd.labeled_idx, batch, steps, plan_generator(kd.args.seed, epoch, 1), kd.pad):
         p = shard(p)  # this process's share of the batch
         f_t = teacher_features(kd, p)  # (B, d_t), T frozen; the planned crop and flip (--teacher-cache: the flip)
         with kd.amp():
@@ -93,7 +86,7 @@ def distill_epoch(kd, epoch):
     plans_l = epoch_plan(kd.labeled_idx, batch_l, steps, gen, kd.pad)  # (steps, batch_l, 4): D_L, cycled
     plans_u = epoch_plan(kd.unlabeled_idx, batch_u, steps, gen, kd.pad)  # (steps, batch_u, 4): one pass over D_U
     log = []
-    for step in progress(range(steps), "stage 2", steps * (batch_l + batch_u), batch_l + batch_u):
+    for step in range(steps):
         for group in kd.opt.param_groups:  # cosine decay over all stage-2 steps of the run, no warm-up
             group["lr"] = a.lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + step) / (a.epochs * steps)))
         plan_l = shard(plans_l[step])
@@ -170,12 +163,11 @@ def evaluate(kd):
     """Test accuracy of the student and of h(P_c(f_t)); linear CKA of f_s with f~_t and f_t on fixed test rows."""
     t0 = clock(kd.device)
     kd.student.eval()
-
-    def student_rows(i, j):  # test images i:j -> f_s (j - i, d_s)
+    f_s = []  # every process evaluates every test image: the same numbers at any process count
+    for i in range(0, len(kd.x_test), kd.batch_eval):
         with kd.amp():
-            return kd.student_side(kd.view_s(kd.x_test[i:j].to(kd.device).float()))[0].float()
-
-    f_s = sharded_rows(len(kd.x_test), kd.batch_eval, student_rows, kd.device, kd.device, "evaluation")  # (N, d_s)
+            f_s.append(kd.student_side(kd.view_s(kd.x_test[i : i + kd.batch_eval].to(kd.device).float()))[0].float())
+    f_s = torch.cat(f_s)  # (N, d_s)
     out = {"acc/student": (kd.head(f_s).argmax(-1) == kd.y_test).float().mean().item()}
     out["rms/f_s"] = f_s.pow(2).mean().sqrt().item()  # root-mean-square: the feature's scale
     centred = f_s - f_s.mean(0)  # the share of its centred energy in the row space of h (at random C / d_s):
@@ -232,52 +224,82 @@ def take_step(opt, loss):
     opt.step()
 
 
-# ================================================================ 2. the run's state
-@dataclass(eq=False)
-class KDState:
-    """Everything one run holds (`kd` in every function), each field once; setup() and build() fill it in."""
-
-    args: argparse.Namespace  # the checked flags (section 3)
-    device: torch.device = None  # cpu, or cuda:LOCAL_RANK
-    teacher: nn.Module = None  # T; None when both feature weights are 0
-    student: nn.Module = None  # S, with h
-    d_t: int = 0  # width of f_t, from a dummy forward
-    d_s: int = 0  # width of f_s
-    proj_custom: nn.Module = None  # P_c: d_t -> d_s (then S's last activation); None if w_custom = 0
-    proj_general: nn.Module = None  # P_g: d_s -> d_t; None if w_general = 0
-    head_c: nn.Module = None  # the head stage 1 reads P_c(f_t) through: h, or a random frozen one
-    customizer: nn.Module = None  # stage 1's forward f_t -> head_c(P_c(f_t)) (DDP under torchrun)
-    student_side: nn.Module = None  # stage 2's forward x -> f_s, h(f_s), P_g(f_s) (StudentSide)
-    feat_t: Callable = None  # x -> f_t (compiled with --compile)
-    view_t: Callable = None  # images in [0, 255] -> T's input: its size, its mean and std
-    view_s: Callable = None  # the same for S
-    opt: torch.optim.Optimizer = None  # stage 2: SGD over S (with h) and P_g
-    opt_custom: torch.optim.Optimizer = None  # stage 1: Adam over P_c alone
-    x_pool: torch.Tensor = None  # training images: the labeled candidates, then --unlabeled-dir's
-    y_pool: torch.Tensor = None  # their labels (-1: never read)
-    labeled_idx: torch.Tensor = None  # D_L, rows of x_pool
-    unlabeled_idx: torch.Tensor = None  # D_U, rows of x_pool
-    x_test: torch.Tensor = None  # test images
-    y_test: torch.Tensor = None  # their labels
-    pad: int = 0  # the crop's padding: 1/8 of the images' side
-    batch_eval: int = 0  # images per batch of evaluation and of the teacher's features
-    cache_test: torch.Tensor = None  # f_t of every test image, computed once (N_test, d_t)
-    cache_train: torch.Tensor = None  # --teacher-cache: f_t of each training image and its flip (2N, d_t)
-    history: list = field(default_factory=list)  # one metrics row per epoch run so far
-    t_start: float = field(default_factory=time.time)  # start of the run, earlier sessions' wall time included
-    time_cache: float = 0.0  # seconds spent on the teacher features
-    sample: dict = field(default_factory=dict)  # the last evaluation's f_s, f_t, f_t_custom, y on the CKA rows
-
-    @property
-    def head(self):  # h
-        return self.student.get_classifier()
-
-    @property
-    def bf16(self):  # --precision auto: bf16 on CUDA only
-        return self.args.precision == "bf16" or (self.args.precision == "auto" and self.device.type == "cuda")
-
-    def amp(self):  # bf16 autocast, or nothing
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+# ================================================================ 2. setting a run up: the state `kd` holds
+def setup(args, teacher=None, student=None, data=None, keep_features=None):
+    """Everything before the first epoch: processes, data, models, projectors, split, optimizers, run folder, cache.
+    Hooks: data(args) -> the data a run is given (default load_data); keep_features(kd, make) -> the teacher's
+    features, {cache_train, cache_test} = make() by default (tools/large.py keeps them on disk for later runs)."""
+    device = init_process(args)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")  # auto: on CUDA only
+    kd = SimpleNamespace(  # everything one run holds, each field once (`kd` in every function); build() adds the models
+        args=args,  # the checked flags (section 3)
+        device=device,  # cpu, or cuda:LOCAL_RANK
+        bf16=bf16,
+        amp=partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16),  # kd.amp(): bf16 or nothing
+        teacher=None,  # T, frozen; None when both feature weights are 0
+        proj_custom=None,  # P_c: d_t -> d_s (then S's last activation); None if w_custom = 0
+        proj_general=None,  # P_g: d_s -> d_t; None if w_general = 0
+        head_c=None,  # the head stage 1 reads P_c(f_t) through: h, or a random frozen one
+        opt_custom=None,  # stage 1: Adam over P_c alone
+        cache_train=None,  # --teacher-cache: f_t of each training image and its flip (2N, d_t)
+        history=[],  # one metrics row per epoch run so far
+        t_start=time.time(),  # start of the run, earlier sessions' wall time included
+        sample={},  # the last evaluation's f_s, f_t, f_t_custom, y on the CKA rows (features.pt)
+    )
+    args.teacher = type(teacher).__name__ if teacher is not None else args.teacher  # your own modules: by their class
+    args.student = type(student).__name__ if student is not None else args.student
+    ckpt = load_checkpoint(args) if args.resume else None
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA lacks a few kernels
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.manual_seed(args.seed)
+    data = (data or load_data)(args)
+    num_classes = len(data["classes"])
+    build(kd, num_classes, teacher, student)
+    if "labeled_idx" in data:  # given with the data (tools/large.py: --labeled-list)
+        kd.labeled_idx = data["labeled_idx"]  # D_L, rows of x_pool
+    else:  # class-balanced; images labeled -1 (an unlabeled domain) are never chosen
+        kd.labeled_idx = split_labeled(data["train_y"], args.labels, num_classes, args.split_seed)
+    # D_U: every training image, the labeled ones included (FixMatch/USB), unless the data says otherwise
+    kd.unlabeled_idx = data.get("unlabeled_idx", torch.arange(len(data["train_x"])))
+    if ckpt is not None and not torch.equal(ckpt["labeled_idx"], kd.labeled_idx):
+        raise Abort("--resume: the labeled split differs from the checkpoint's (different data?)")
+    kd.x_pool = to_device_if_fits(data["train_x"], device)  # uint8 training images; y_pool: their labels (-1: unread)
+    kd.x_test = to_device_if_fits(data["test_x"], device)
+    kd.y_pool = data["train_y"].to(device)
+    kd.y_test = data["test_y"].to(device)
+    kd.pad = kd.x_pool.shape[-1] // 8  # the crop's padding: 1/8 of the images' side
+    kd.batch_eval = args.batch_size * (1 + args.mu)  # images per batch of evaluation and of the teacher's features
+    if args.demo_teacher_steps:
+        pretrain_demo_models(kd, data["teacher_x"], data["teacher_y"], args.demo_teacher_steps, (teacher, student))
+    params = kd.student_side.parameters()  # S (with h), then P_g
+    kd.opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+    if kd.proj_custom is not None:
+        kd.opt_custom = torch.optim.Adam(kd.proj_custom.parameters(), lr=args.lr_custom)
+    if ckpt is not None:
+        for key in PARTS:
+            if getattr(kd, key) is not None:
+                getattr(kd, key).load_state_dict(ckpt[key])
+        kd.history = ckpt["history"]
+        kd.t_start -= ckpt["wall_time_s"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and ckpt["rng_cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    if PROC.rank == 0:  # the arguments, once; with --overwrite nothing of the old run survives
+        for name in ["summary.json", "features.pt"] + ([] if args.resume else ["checkpoint.pt", "student.pt"]):
+            if os.path.exists(out_file(args, name)):
+                os.remove(out_file(args, name))
+        save_atomic(json.dumps(vars(args), indent=2) + "\n", out_file(args, "args.json"))
+        save_atomic("".join(json.dumps(row) + "\n" for row in kd.history), out_file(args, "metrics.jsonl"))
+    kd.time_cache = 0.0  # seconds spent on the teacher's features
+    if kd.teacher is not None:  # test features always (the teacher is frozen); train features with --teacher-cache
+        build_teacher_cache(kd, args.teacher_cache, keep_features)
+    sizes = f"{len(kd.labeled_idx)} labeled / {len(kd.unlabeled_idx)} unlabeled / {len(kd.x_test)} test"
+    models = f"{args.student} <- {args.teacher if kd.teacher is not None else 'no teacher'}"
+    machine = f"{device.type} x {PROC.world}, {'bf16' if kd.bf16 else 'fp32'}"
+    say(f"customkd: {args.dataset} {num_classes} classes, {sizes} | {models} | {machine} | f_t in {kd.time_cache:.1f}s")
+    return kd
 
 
 # ================================================================ 3. command line
@@ -313,10 +335,6 @@ def fail(msg, code=2):
     raise SystemExit(code)
 
 
-def flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
 def num(kind, lo, hi, open_lo=False):
     """argparse type: an int or float in [lo, hi] ((lo, hi] with open_lo); NaN fails every comparison."""
     what = f"{'a whole number' if kind is int else 'a number'} in {'(' if open_lo else '['}{lo}, {hi}]"
@@ -331,6 +349,17 @@ def num(kind, lo, hi, open_lo=False):
         return v
 
     return parse
+
+
+def json_object(s):
+    """argparse type: JSON text -> dict, so that spacing never matters (and --resume compares values)."""
+    try:
+        value = json.loads(s)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return value
 
 
 def build_parser():
@@ -351,7 +380,6 @@ def build_parser():
     add("--train-dir", help="folder dataset: class folders of training images (the labeled candidates)")
     add("--test-dir", help="folder dataset: class folders of test images, none of them a training image")
     add("--cache-dir", help="the demo's models (tools/large.py: folders, teacher features) (DATA_DIR/decoded)")
-    add("--workers", type=num(int, 1, 1024), help="processes that decode a folder (default: all cores)")
     add("--image-size", type=side, default=224, help="side of stored synthetic/folder images (default 224)")
     add("--synthetic-size", type=num(int, 10, 10**6), help="synthetic: training images, test ones up to 1000 (1600)")
     add("--labels", default="10pct", help="labeled set: '10pct' of each class, '400' in all, or 'all' (default 10pct)")
@@ -359,8 +387,8 @@ def build_parser():
     add = p.add_argument_group("models (any timm name; the demo settings are below)").add_argument
     add("--teacher", default="vit_large_patch14_dinov2.lvd142m", help="frozen teacher (default %(default)s)")
     add("--student", default="mobilenetv3_large_100.ra_in1k", help="student (default %(default)s)")
-    add("--teacher-kwargs", default={}, help='JSON of extra timm.create_model arguments for the teacher: {"depth": 2}')
-    add("--student-kwargs", default={}, help="JSON object of extra timm.create_model arguments for the student")
+    add("--teacher-kwargs", type=json_object, default={}, help='JSON of extra timm arguments for T: {"depth": 2}')
+    add("--student-kwargs", type=json_object, default={}, help="JSON object of extra timm arguments for the student")
     add("--teacher-res", type=side, default=224, help="teacher input side in pixels (default 224)")
     add("--student-res", type=side, default=224, help="student input side in pixels (default 224)")
     add("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="hub weights (default on)")
@@ -400,46 +428,26 @@ def build_parser():
 
 
 def parse_args(argv=None, parser=None):
-    """Every flag checked before any work: numbers by the parser (build_parser()'s, or one that extends it), here paths
-    and combinations."""
+    """Every flag checked before any work: values by the parser's types (build_parser()'s, or a parser that extends
+    it), combinations here."""
     p = parser or build_parser()
-    args, unknown = p.parse_known_args(argv)
-    if unknown:  # a misspelled flag gets the nearest real one
-        near = difflib.get_close_matches(unknown[0].split("=")[0].replace("_", "-"), p._option_string_actions, 1)
-        hint = f"; did you mean {near[0]}?" if near else ""
-        p.error(f"unrecognized argument {unknown[0]!r}{hint}")
+    args = p.parse_args(argv)
     if args.dataset == "synthetic":  # the demo's settings, unless given on the command line
         p.set_defaults(**vars(p.parse_args(DEMO)))
-        args = p.parse_known_args(argv)[0]
-    for k in ("teacher_kwargs", "student_kwargs"):  # JSON text -> dict, so that spacing never matters
-        kwargs = getattr(args, k)
-        if isinstance(kwargs, str):
-            try:
-                kwargs = json.loads(kwargs)
-            except ValueError:
-                kwargs = None
-        if not isinstance(kwargs, dict):
-            p.error(f"{flag(k)} must be a JSON object, got {getattr(args, k)!r}")
-        setattr(args, k, dict(kwargs))  # a copy: the defaults stay as they are
+        args = p.parse_args(argv)
     if args.dataset == "folder" and not (args.train_dir and args.test_dir):
         p.error("--dataset folder needs --train-dir and --test-dir")
     for k in ("train_dir", "test_dir", "demo_teacher_steps", "synthetic_size"):
         only = "folder" if k.endswith("dir") else "synthetic"
         if args.dataset != only and getattr(args, k) != p.get_default(k):
-            p.error(f"{flag(k)} is only for --dataset {only}")
+            p.error(f"--{k.replace('_', '-')} is only for --dataset {only}")
     for k in ("train_dir", "test_dir", "teacher_weights", "student_weights"):
         path = getattr(args, k)
-        is_dir = k.endswith("dir")
-        if path is not None and not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
-            p.error(f"{flag(k)} {path!r} is not an existing {'folder' if is_dir else 'file'}")
+        kind = "folder" if k.endswith("dir") else "file"
+        if path is not None and not (os.path.isdir(path) if kind == "folder" else os.path.isfile(path)):
+            p.error(f"--{k.replace('_', '-')} {path!r} is not an existing {kind}")
     args.cache_dir = args.cache_dir or os.path.join(args.data_dir, "decoded")
     args.out_dir = args.out_dir or os.path.join("runs", f"{args.dataset}-{args.labels}-seed{args.seed}")
-    for k in ("data_dir", "cache_dir"):  # a folder that exists or can be made, and can be written
-        up = os.path.abspath(getattr(args, k) or "/dev/null")
-        while not os.path.exists(up):
-            up = os.path.dirname(up)
-        if not getattr(args, k) or not os.path.isdir(up) or not os.access(up, os.W_OK | os.X_OK):
-            p.error(f"{flag(k)} {getattr(args, k)!r}: {up!r} is not a writable folder")
     parse_labels(args.labels)  # raises Abort on nonsense, before any work
     return args
 
@@ -499,7 +507,7 @@ def list_folder(option, root, classes=None):
 
 
 def decode(size, files):
-    """DataLoader worker: files -> uint8 RGB (B, 3, size, size), shorter side resized, centre crop; the unreadable."""
+    """files -> uint8 RGB (N, 3, size, size), shorter side resized, centre crop; and the files that cannot be read."""
     out = torch.zeros(len(files), 3, size, size, dtype=torch.uint8)
     bad = []
     for i, name in enumerate(files):
@@ -512,27 +520,13 @@ def decode(size, files):
     return out, bad
 
 
-def decode_images(files, args, out=None):
-    """Image files -> uint8 (N, 3, S, S), S = --image-size, decoded by --workers processes into `out` (default: a new
-    tensor in memory); every unreadable file is named, in the error line when few, else in --cache-dir."""
-    size = args.image_size
-    if out is None:
-        out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    workers = args.workers or len(os.sched_getaffinity(0))
-    gen = torch.Generator()  # its own: a decode leaves the seeded global generator where it was
-    loader = torch.utils.data.DataLoader(
-        files, 256, num_workers=workers, collate_fn=partial(decode, size), generator=gen
-    )
-    bad = []
-    for i, (x, unreadable) in enumerate(progress(loader, f"decoding {len(files)} images", len(files), 256)):
-        out[i * 256 : i * 256 + len(x)] = x
-        bad += unreadable
+def refuse_unreadable(bad, args):
+    """Every unreadable file named: the first three in the error line, all of them in --cache-dir/unreadable.txt."""
     if bad:
         listed = os.path.join(args.cache_dir, "unreadable.txt")
         save_atomic("".join(f"{b}\n" for b in bad), listed)
         some = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         raise Abort(f"{len(bad)} image file(s) cannot be read: {some} (all in {listed}): remove or replace")
-    return out
 
 
 def load_data(args):
@@ -555,8 +549,11 @@ def load_data(args):
     files, y, classes = list_folder("--train-dir", args.train_dir)
     test_files, test_y, _ = list_folder("--test-dir", args.test_dir, classes)
     refuse_shared(args, files, test_files)
-    data = dict(train_x=decode_images(files, args), train_y=torch.tensor(y), test_y=torch.tensor(test_y))
-    return data | dict(test_x=decode_images(test_files, args), classes=classes)
+    say(f"customkd: decoding {len(files) + len(test_files)} images (tools/large.py: once, in parallel)")
+    x, bad = decode(args.image_size, files)
+    test_x, bad_test = decode(args.image_size, test_files)
+    refuse_unreadable(bad + bad_test, args)
+    return dict(train_x=x, train_y=torch.tensor(y), test_x=test_x, test_y=torch.tensor(test_y), classes=classes)
 
 
 def refuse_shared(args, train_files, test_files):
@@ -583,7 +580,7 @@ def parse_labels(spec):
 
 
 def split_labeled(targets, labels, num_classes, seed):
-    """Class-balanced split, own generator -> sorted long (labeled_idx, unlabeled_idx = all, as in FixMatch/USB)."""
+    """Class-balanced split of the training images' indices, its own generator -> sorted long labeled_idx."""
     targets = torch.as_tensor(targets).long()
     kind, v = parse_labels(labels)
     if kind == "count" and v % num_classes:
@@ -596,7 +593,7 @@ def split_labeled(targets, labels, num_classes, seed):
         if k < 1 or k > len(idx):
             raise Abort(f"--labels {labels}: class {c} has {len(idx)} images, so it would get {k} labeled ones")
         chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return torch.cat(chosen).sort().values, torch.arange(len(targets))
+    return torch.cat(chosen).sort().values
 
 
 def plan_generator(seed, epoch, stage):
@@ -734,6 +731,7 @@ def build(kd, num_classes, teacher=None, student=None):
     if use_teacher:
         kd.d_t, kd.view_t = prepare_model(teacher, "teacher", args.teacher_res, device, kd.bf16)
     kd.student = student
+    kd.head = student.get_classifier()  # h
     if kd.head(torch.zeros(1, kd.d_s, device=device)).shape[-1] != num_classes:
         raise Abort(f"the student head must output {num_classes} classes")
     compiled = torch.compile if args.compile else nn.Identity()  # nn.Identity()(f) is f
@@ -761,9 +759,17 @@ def pretrain_demo_models(kd, x, y, steps, own=()):
         a = kd.args
         recipe = [role, getattr(a, role), getattr(a, f"{role}_kwargs"), getattr(a, f"{role}_res"), n, seed, lr, kd.bf16]
         path = os.path.join(a.cache_dir, f"demo-{role}-{fingerprint(recipe, model, x, y)}.pt")  # + initial weights
-        shapes = {k: v.shape for k, v in model.state_dict().items()}
-        what = f"demo {role} ({n} steps on {len(x)} images of other classes)"
-        model.load_state_dict(cached(kd, path, shapes, what, partial(pretrain, kd, model, view, d, x, y, n, seed, lr)))
+        try:  # an earlier run's; weights_only: never runs pickled code
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            say(f"customkd: demo {role} read from {path}, made by an earlier run")
+        except (FileNotFoundError, RuntimeError):  # none yet, or one cut short (a bad copy, a full disk)
+            say(f"customkd: demo {role} ({n} steps on {len(x)} images of other classes), once, into {path}")
+            state = pretrain(kd, model, view, d, x, y, n, seed, lr)
+            if PROC.rank == 0:
+                save_atomic(state, path)
+        model.load_state_dict(state)
+        for p in model.parameters() if PROC.world > 1 else []:  # every process keeps rank 0's (kernels may differ)
+            dist.broadcast(p.data, 0)
     set_stage(kd, 2)  # the teacher frozen from now on
 
 
@@ -773,14 +779,10 @@ def pretrain(kd, model, view, d, x, y, steps, seed, lr):
         torch.manual_seed(seed)
         head = nn.Linear(d, int(y.max() - y.min()) + 1).to(kd.device)
     opt = torch.optim.Adam([*model.train().requires_grad_(True).parameters(), *head.parameters()], lr=lr)
-    plans = epoch_plan(torch.arange(len(x)), 64, steps, torch.Generator().manual_seed(seed), x.shape[-1] // 8)
-    for plan in progress(plans, "pre-training", steps * 64, 64):
+    for plan in epoch_plan(torch.arange(len(x)), 64, steps, torch.Generator().manual_seed(seed), x.shape[-1] // 8):
         with kd.amp():
             logits = head(features(model, view(augment(x, plan, kd.device))))
         take_step(opt, F.cross_entropy(logits.float(), (y[plan[:, 0]] - y.min()).to(kd.device)))
-    if PROC.world > 1:  # every rank keeps rank 0's (GPU kernels may differ)
-        for p in model.parameters():
-            dist.broadcast(p.data, 0)
     return {k: v.cpu() for k, v in model.state_dict().items()}
 
 
@@ -796,29 +798,31 @@ def teacher_features(kd, plan=None, x=None):
 
 
 def build_teacher_cache(kd, with_train, keep=None):
-    """Teacher features, once, over the processes: of the test images; with --teacher-cache also of every training
-    image and of its mirror image (rows 2i and 2i + 1), so that no epoch runs the teacher. keep(kd, make): a hook
-    that may keep them for later runs (tools/large.py: on disk); default make()."""
+    """Teacher features, once (T is frozen): of the test images; with --teacher-cache also of every training image and
+    of its mirror image (rows 2i and 2i + 1), so that no epoch runs the teacher. Every process computes all of them.
+    keep(kd, make): a hook that may keep them for later runs (tools/large.py: on disk); default make()."""
     t0 = clock(kd.device)
-    dtype = torch.bfloat16 if kd.bf16 else torch.float32
 
-    def rows(x, views, i, j):  # -> (j - i, views, d_t): each image, and with 2 views its mirror image too
-        v = x[i:j].to(kd.device).float()
-        return torch.stack([teacher_features(kd, x=v.flip(-1) if flip else v) for flip in range(views)], 1).to(dtype)
+    def compute(x, views):  # -> (N * views, d_t) on the host: each image, and with 2 views its mirror image after it
+        out = []
+        for i in range(0, len(x), kd.batch_eval):
+            v = x[i : i + kd.batch_eval].to(kd.device).float()
+            f_t = torch.stack([teacher_features(kd, x=v.flip(-1) if flip else v) for flip in range(views)], 1)
+            out.append(f_t.flatten(0, 1).to("cpu", torch.bfloat16 if kd.bf16 else torch.float32))
+        return torch.cat(out)
 
-    def compute(x, views, what):  # -> (views * N, d_t), gathered on the host
-        return sharded_rows(len(x), kd.batch_eval, partial(rows, x, views), kd.device, torch.device("cpu"), what)
+    def make():
+        return {"cache_train": compute(kd.x_pool, 2), "cache_test": compute(kd.x_test, 1)}
 
-    def make():  # every training image and its mirror image, every test image
-        train, test = compute(kd.x_pool, 2, "teacher (training images)"), compute(kd.x_test, 1, "teacher (test images)")
-        return {"cache_train": train.flatten(0, 1), "cache_test": test.flatten(0, 1)}
-
-    if with_train:
-        saved = keep(kd, make) if keep else make()
-        kd.cache_train = to_device_if_fits(saved["cache_train"], kd.device)  # image i at row 2i, its mirror at 2i+1
+    say(f"customkd: the teacher's features of the test images{' and the training images' * with_train}, once")
+    if not with_train:
+        saved = {"cache_test": compute(kd.x_test, 1)}
+    elif keep is not None:
+        saved = keep(kd, make)
     else:
-        say(f"customkd: teacher features of {len(kd.x_test)} test images")
-        saved = {"cache_test": compute(kd.x_test, 1, "teacher (test images)").flatten(0, 1)}
+        saved = make()
+    if with_train:
+        kd.cache_train = to_device_if_fits(saved["cache_train"], kd.device)  # image i at row 2i, its mirror at 2i+1
     kd.cache_test = to_device_if_fits(saved["cache_test"], kd.device)  # (N_test, d_t)
     kd.time_cache = clock(kd.device) - t0
 
@@ -829,28 +833,9 @@ def fingerprint(about, model, *arrays):
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    for x in arrays:  # a memory-mapped array (tools/large.py's folders) by its file's name, a hash of the images
-        mapped = x.untyped_storage().filename if x.device.type == "cpu" else None
-        h.update(os.path.basename(mapped).encode() if mapped else x.cpu().contiguous().view(torch.uint8).numpy())
+    for x in arrays:
+        h.update(x.cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()[:16]
-
-
-def cached(kd, path, shapes, what, make):
-    """Tensors {name: tensor} kept in --cache-dir: read back from path if an earlier run wrote them whole (on every
-    process, or else on none), or else make() them and write them there (rank 0, atomically)."""
-    try:  # no file, a file cut short, other shapes: None. weights_only: never runs pickled code; mmap: read as used
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        assert {k: v.shape for k, v in saved.items()} == shapes
-    except Exception:
-        saved = None
-    if all_reduce(torch.tensor(int(saved is not None), device=kd.device), dist.ReduceOp.MIN).item():
-        say(f"customkd: {what} read from {path}, made by an earlier run")
-        return saved
-    say(f"customkd: {what}, once, into {path}")
-    saved = make()
-    if PROC.rank == 0:
-        save_atomic(saved, path)
-    return saved
 
 
 # ================================================================ 6. several processes (torchrun)
@@ -882,101 +867,15 @@ def global_batch(batch, n):
     return min(batch, n) // PROC.world * PROC.world
 
 
-def all_reduce(t, op=dist.ReduceOp.SUM):
-    if PROC.world > 1:
-        dist.all_reduce(t, op=op)
-    return t
-
-
 def average_buffers(model):
     """BatchNorm running statistics: kept per process within an epoch, averaged over the processes at its end."""
-    if PROC.world > 1:
-        for b in model.buffers():
-            if b.is_floating_point():
-                b.copy_(all_reduce(b.clone()) / PROC.world)
+    for b in model.buffers() if PROC.world > 1 else []:
+        if b.is_floating_point():
+            dist.all_reduce(b)
+            b /= PROC.world
 
 
-def sharded_rows(n, batch, fn, device, out_device, what):
-    """fn(i, j) -> rows i:j of an (n, ...) result: each process computes its own shard, then all gather all n rows."""
-    m = math.ceil(n / PROC.world)
-    lo, hi = min(n, PROC.rank * m), min(n, PROC.rank * m + m)  # this process's rows
-    starts = progress(range(lo, hi, batch), what, hi - lo, batch)
-    local = torch.cat([fn(i, min(i + batch, hi)).to(out_device) for i in starts])
-    if PROC.world == 1:
-        return local
-    parts = [torch.empty(m, *local.shape[1:], dtype=local.dtype, device=device) for _ in range(PROC.world)]
-    padded = torch.cat([local, local.new_zeros(m - len(local), *local.shape[1:])])
-    dist.all_gather(parts, padded.to(device))
-    return torch.cat([part.to(out_device) for part in parts])[:n]
-
-
-# ================================================================ 7. bookkeeping: set-up, logs, checkpoints, errors
-def setup(args, teacher=None, student=None, data=None, keep_features=None):
-    """Everything before the first epoch: processes, data, models, projectors, split, optimizers, run folder, cache.
-    Hooks: data(args) -> the data a run is given (default load_data); keep_features(kd, make) -> the teacher's
-    features, {cache_train, cache_test} = make() by default (tools/large.py keeps them on disk for later runs)."""
-    device = init_process(args)
-    kd = KDState(args, device=device)
-    args.teacher = type(teacher).__name__ if teacher is not None else args.teacher  # your own modules: by their class
-    args.student = type(student).__name__ if student is not None else args.student
-    ckpt = load_checkpoint(args) if args.resume else None
-    exists = os.path.isdir(args.out_dir) and os.listdir(args.out_dir)
-    if PROC.rank == 0 and exists and not (args.resume or args.overwrite):
-        raise Abort(f"run directory {args.out_dir} exists: --resume continues it, --overwrite replaces it")
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA lacks a few kernels
-    torch.backends.cudnn.benchmark = not args.deterministic
-    torch.manual_seed(args.seed)
-    data = (data or load_data)(args)
-    num_classes = len(data["classes"])
-    build(kd, num_classes, teacher, student)
-    if "labeled_idx" in data:  # given with the data (tools/large.py: --labeled-list)
-        kd.labeled_idx = data["labeled_idx"]
-    else:  # class-balanced; images labeled -1 (an unlabeled domain) are never chosen
-        kd.labeled_idx = split_labeled(data["train_y"], args.labels, num_classes, args.split_seed)[0]
-    # D_U: every training image, the labeled ones included (FixMatch/USB), unless the data says otherwise
-    kd.unlabeled_idx = data.get("unlabeled_idx", torch.arange(len(data["train_x"])))
-    if ckpt is not None and not torch.equal(ckpt["labeled_idx"], kd.labeled_idx):
-        raise Abort("--resume: the labeled split differs from the checkpoint's (different data?)")
-    kd.x_pool = to_device_if_fits(data["train_x"], device)
-    kd.x_test = to_device_if_fits(data["test_x"], device)
-    kd.y_pool = data["train_y"].to(device)
-    kd.y_test = data["test_y"].to(device)
-    kd.pad = kd.x_pool.shape[-1] // 8
-    kd.batch_eval = args.batch_size * (1 + args.mu)
-    if args.demo_teacher_steps:
-        pretrain_demo_models(kd, data["teacher_x"], data["teacher_y"], args.demo_teacher_steps, (teacher, student))
-    params = kd.student_side.parameters()  # S (with h), then P_g
-    kd.opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
-    if kd.proj_custom is not None:
-        kd.opt_custom = torch.optim.Adam(kd.proj_custom.parameters(), lr=args.lr_custom)
-    if ckpt is not None:
-        for key in PARTS:
-            if getattr(kd, key) is not None:
-                getattr(kd, key).load_state_dict(ckpt[key])
-        kd.history = ckpt["history"]
-        kd.t_start -= ckpt["wall_time_s"]
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and ckpt["rng_cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    if PROC.rank == 0:
-        save_atomic(json.dumps(vars(args), indent=2) + "\n", out_file(args, "args.json"))
-        save_atomic("".join(json.dumps(row) + "\n" for row in kd.history), out_file(args, "metrics.jsonl"))
-        stale = ["summary.json", "features.pt"] + ([] if args.resume else ["checkpoint.pt", "student.pt"])
-        for name in stale:  # --overwrite: nothing of the old run survives
-            if os.path.exists(out_file(args, name)):
-                os.remove(out_file(args, name))
-    if kd.teacher is not None:  # test features always (the teacher is frozen); train features with --teacher-cache
-        build_teacher_cache(kd, args.teacher_cache, keep_features)
-    sizes = f"{len(kd.labeled_idx)} labeled / {len(kd.unlabeled_idx)} unlabeled / {len(kd.x_test)} test"
-    models = f"{args.student} <- {args.teacher if kd.teacher is not None else 'no teacher'}"
-    machine = f"{device.type} x {PROC.world}, {'bf16' if kd.bf16 else 'fp32'}"
-    cache = f"teacher features in {kd.time_cache:.1f}s"
-    say(f"customkd: {args.dataset} {num_classes} classes, {sizes} | {models} | {machine} | {cache}")
-    return kd
-
-
+# ================================================================ 7. logs, checkpoints, errors, main
 def timings(stage, t0, n_img, device):
     """A stage's seconds since t0 and its images per second, under their log keys."""
     seconds = clock(device) - t0
@@ -984,15 +883,17 @@ def timings(stage, t0, n_img, device):
 
 
 def epoch_means(kd, epoch, log):
-    """Means of a stage's loss terms over steps and processes; a non-finite term stops the run, the first named."""
-    terms = {k: all_reduce(torch.stack([step[k].float() for step in log])) / PROC.world for k in log[0]}  # (steps,)
+    """Means of a stage's loss terms over steps and processes; a non-finite term stops the run, naming it."""
+    terms = {k: torch.stack([step[k].float() for step in log]) for k in log[0]}  # (steps,) each
+    for v in terms.values() if PROC.world > 1 else []:
+        dist.all_reduce(v)
+        v /= PROC.world
     bad = ~torch.stack(list(terms.values())).isfinite()  # (terms, steps)
-    if bad.any():
-        first = bad.any(0).nonzero()[0, 0]  # the first step with a non-finite term: those terms are named
-        culprits = [k for k, b in zip(terms, bad[:, first]) if b]
+    if bad.any():  # the terms that were non-finite first (later steps inherit the damage)
+        bad = [k for k, b in zip(terms, bad[:, bad.any(0).nonzero()[0, 0]]) if b]
         kept = f"the checkpoint of epoch {epoch} in {kd.args.out_dir} is kept" if epoch else "no checkpoint was written"
         fix = "lower --lr or that loss weight" + (", then --resume" if epoch else "")
-        raise Abort(f"{' and '.join(culprits)} became non-finite in epoch {epoch + 1}; stopped; {kept} ({fix})", 3)
+        raise Abort(f"{' and '.join(bad)} became non-finite in epoch {epoch + 1}; stopped; {kept} ({fix})", 3)
     return {k: v.mean().item() for k, v in terms.items()}
 
 
@@ -1026,8 +927,8 @@ def summarise(kd):
     """summary.json and features.pt (rank 0 writes), and the run's last line. -> the summary dict"""
     h = kd.history  # never empty: --epochs >= 1, and a checkpoint holds an epoch at least
     summary = dict(
-        acc_student_last=h[-1]["acc/student"],
-        acc_student_best=max(row["acc/student"] for row in h),
+        acc_student_last=h[-1]["acc/student"],  # the result
+        acc_student_best=max(row["acc/student"] for row in h),  # the best epoch's, named as such
         acc_teacher_custom_last=h[-1]["acc/teacher_custom"],
         epochs=len(h),
         num_labeled=len(kd.labeled_idx),
@@ -1037,40 +938,37 @@ def summarise(kd):
         wall_time_s=time.time() - kd.t_start,
     )
     summary["time/teacher_cache_s"] = kd.time_cache
-    for k in ("time/customize_s", "time/distill_s", "time/eval_s"):
-        summary[k] = sum(row[k] or 0 for row in h)
-    summary["mem/peak_mb"] = max(row["mem/peak_mb"] for row in h)
-    summary["args"] = vars(kd.args)
+    for k in ("time/customize_s", "time/distill_s", "time/eval_s", "mem/peak_mb"):
+        summary[k] = max(row[k] or 0 for row in h) if k.startswith("mem") else sum(row[k] or 0 for row in h)
     if PROC.rank == 0:
         save_atomic(kd.sample, out_file(kd.args, "features.pt"))  # f_s, f_t, f_t_custom, y: CKA's sample
         save_atomic(json.dumps(summary, indent=2) + "\n", out_file(kd.args, "summary.json"))
     accuracy = f"{summary['acc_student_last']:.4f} (best epoch: {summary['acc_student_best']:.4f})"
-    wall = f"{summary['wall_time_s']:.0f}s"
-    say(f"customkd: last-epoch student accuracy {accuracy}; wall {wall}; outputs in {kd.args.out_dir}")
+    say(f"customkd: last-epoch student accuracy {accuracy}; wall {summary['wall_time_s']:.0f}s; in {kd.args.out_dir}")
     return summary
 
 
 def save_atomic(obj, path):
     """Write a temporary file, fsync, rename: a crash or a full disk never breaks `path`. str: text, else torch.save."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
-    data = io.BytesIO(obj.encode() if isinstance(obj, str) else b"")
-    if not isinstance(obj, str):
-        torch.save(obj, data)  # serialised in memory, then written at once
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data.getbuffer())
+            if isinstance(obj, str):
+                f.write(obj.encode())
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except OSError as e:  # a full disk, a folder that cannot be written
+        name = os.path.basename(path)
+        raise Abort(
+            f"cannot write {path} ({e.strerror}); any earlier {name} is intact: fix that, then --resume"
+        ) from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            folder, name = os.path.split(path)
-            free = f"{shutil.disk_usage(folder or '.').free / 2**20:.0f} MB free"
-            raise Abort(f"{folder} is full ({free}) writing {name}; any earlier {name} is intact: free space, --resume")
-        raise
 
 
 def out_file(args, name):
@@ -1078,8 +976,12 @@ def out_file(args, name):
 
 
 def make_run_folder(args):
-    """--out-dir, made and written to before any work. -> its path if this run made it (so it goes if left empty)"""
+    """--out-dir, refused if it holds a run (unless --resume or --overwrite), made and written to before any work.
+    -> its path if this run made it (so that it goes again if left empty)"""
     new = not os.path.exists(args.out_dir)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun the others see the folder that rank 0 made
+    if rank0 and os.path.isdir(args.out_dir) and os.listdir(args.out_dir) and not (args.resume or args.overwrite):
+        raise Abort(f"run directory {args.out_dir} exists: --resume continues it, --overwrite replaces it")
     probe = os.path.join(args.out_dir, f".probe-{socket.gethostname()}-{os.getpid()}")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -1100,7 +1002,7 @@ def load_checkpoint(args):
         raise Abort(f"--resume: no readable CustomKD checkpoint at {path} ({type(e).__name__})") from None
     for k in IDENTITY:
         if ckpt["identity"].get(k) != getattr(args, k, None):
-            was = f"{flag(k)} {ckpt['identity'].get(k)}, not {getattr(args, k, None)}"
+            was = f"--{k.replace('_', '-')} {ckpt['identity'].get(k)}, not {getattr(args, k, None)}"
             raise Abort(f"--resume: {path} was written with {was}; use the original value or another --out-dir")
     return ckpt
 
@@ -1130,19 +1032,6 @@ def clock(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def progress(items, what, total, per=1):
-    """Yield items; after 10 s and then once a minute, rank 0 prints done/total, rate and time left."""
-    t0 = shown = time.time()
-    for i, item in enumerate(items, 1):
-        yield item
-        now = time.time()
-        done = min(i * per, total)
-        if PROC.rank == 0 and now - shown > (10 if shown == t0 else 60):  # after 10 s, then once a minute
-            shown = now
-            rate = done / (now - t0)
-            print(f"{what}: {done}/{total}, {rate:.0f}/s, {(total - done) / rate:.0f} s left", file=sys.stderr)
 
 
 def main(argv=None, teacher=None, student=None, parse=parse_args, **hooks):

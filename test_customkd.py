@@ -119,17 +119,16 @@ CIFAR_Y = torch.arange(50000) % 100
 
 def test_split_10pct_and_400_are_class_balanced():
     for labels, per_class in (("10pct", 50), ("400", 4), ("1pct", 5)):
-        lab, unl = ck.split_labeled(CIFAR_Y, labels, 100, seed=0)
-        assert lab.dtype == unl.dtype == torch.long and lab.dim() == unl.dim() == 1
+        lab = ck.split_labeled(CIFAR_Y, labels, 100, seed=0)
+        assert lab.dtype == torch.long and lab.dim() == 1 and torch.equal(lab, lab.sort().values)
         assert len(lab) == 100 * per_class and len(lab.unique()) == len(lab)
         assert torch.equal(torch.bincount(CIFAR_Y[lab], minlength=100), torch.full((100,), per_class))
-        assert torch.equal(unl, torch.arange(50000))  # the unlabeled set is the whole training set
-    all_lab, _ = ck.split_labeled(CIFAR_Y, "all", 100, seed=0)
+    all_lab = ck.split_labeled(CIFAR_Y, "all", 100, seed=0)
     assert torch.equal(all_lab, torch.arange(50000))
 
 
 def test_split_is_seeded():
-    a, b, c = (ck.split_labeled(CIFAR_Y, "400", 100, seed=s)[0] for s in (0, 0, 1))
+    a, b, c = (ck.split_labeled(CIFAR_Y, "400", 100, seed=s) for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -536,15 +535,6 @@ class CountingTeacher(nn.Module):
         return x.mean((2, 3))
 
 
-def test_progress_prints_after_10_s_then_once_a_minute(monkeypatch, capsys):
-    clock = iter([0.0, 5.0, 11.0, 30.0, 75.0, 130.0, 140.0])
-    monkeypatch.setattr(ck.time, "time", lambda: next(clock))
-    assert list(ck.progress(range(6), "phase", 60, per=10)) == list(range(6))
-    err = capsys.readouterr().err.splitlines()
-    # at 11 s (the first line says how long it will take), 75 s and 140 s; not at 5 s, 30 s or 130 s
-    assert err == ["phase: 20/60, 2/s, 22 s left", "phase: 40/60, 1/s, 38 s left", "phase: 60/60, 0/s, 0 s left"]
-
-
 # ------------------------------------------------------------------ bf16, channels_last and torch.compile on the CPU
 def test_bf16_on_the_cpu_runs_the_gpu_lines(tmp_path):
     kd32 = tiny_kd(tmp_path)
@@ -593,7 +583,8 @@ def test_bf16_demo_pipeline_end_to_end(tmp_path, cache):
             ]
             + cache
         )  # 1 step an epoch
-        assert code == 0 and 0 <= summary["acc_student_last"] <= 1 and summary["args"]["precision"] == precision
+        args = json.load(open(tmp_path / precision / "args.json"))  # the arguments, saved once
+        assert code == 0 and 0 <= summary["acc_student_last"] <= 1 and args["precision"] == precision
     fp32, bf16 = rows(tmp_path / "fp32"), rows(tmp_path / "bf16")
     assert len(bf16) == 2 and all(math.isfinite(row[k]) for row in bf16 for k in [*WEIGHTS, "loss/customize"])
     for k in [*WEIGHTS, "loss/customize"]:
@@ -761,7 +752,8 @@ def test_hooks_give_the_data_and_keep_the_teacher_features(tmp_path):
 def test_bring_your_own_models(tmp_path):
     teacher, student = TinyNet(24), TinyNet(16, num_classes=ck.DEMO_CLASSES)
     code, summary, _ = run_main(TINY + ["--out-dir", str(tmp_path / "own")], teacher=teacher, student=student)
-    assert code == 0 and summary["args"]["student"] == "TinyNet" and summary["acc_teacher_custom_last"] is not None
+    args = json.load(open(tmp_path / "own" / "args.json"))
+    assert code == 0 and args["student"] == "TinyNet" and summary["acc_teacher_custom_last"] is not None
     saved = torch.load(tmp_path / "own" / "student.pt", weights_only=True)
     assert saved["model"] == "TinyNet" and torch.equal(saved["state_dict"]["fc.weight"], student.fc.weight.cpu())
 
@@ -789,7 +781,9 @@ def reference_decode(path, size):
 def load_folder(root, args):
     """A folder listed and decoded as a run does it -> uint8 images, labels, classes, names under root."""
     files, y, classes = ck.list_folder("--train-dir", str(root))
-    return ck.decode_images(files, args), torch.tensor(y), classes, [os.path.relpath(f, str(root)) for f in files]
+    x, bad = ck.decode(args.image_size, files)
+    ck.refuse_unreadable(bad, args)
+    return x, torch.tensor(y), classes, [os.path.relpath(f, str(root)) for f in files]
 
 
 def folder_args(tmp_path, *extra):
@@ -805,8 +799,6 @@ def folder_args(tmp_path, *extra):
         "4",
         "--mu",
         "1",
-        "--workers",
-        "2",
         "--cache-dir",
         str(tmp_path / "cache"),
         *extra,
@@ -951,8 +943,9 @@ def test_two_processes_train_like_one(tmp_path):
     )
     assert json.load(open(two / "run" / "summary.json"))["world_size"] == 2
     r0, r1, r = (torch.load(p, weights_only=True) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
-    # each process did half of the work (its share of every batch and of the test set), plus its own dummy forward
-    assert r0["images"] == r1["images"] and r0["images"] + r1["images"] == r["images"] + 1
+    # each process did its half of every batch, the whole test set (2 epochs x 256 images: every process evaluates
+    # all of it, so that the numbers are the same at any process count) and its own dummy forward
+    assert r0["images"] == r1["images"] and 2 * r0["images"] - r["images"] == 2 * 256 + 1
     r0, r1, r = r0["state"], r1["state"], r["state"]
     init = timm.create_model(
         "vit_tiny_patch16_224", depth=1, patch_size=8, img_size=32, num_classes=ck.DEMO_CLASSES
@@ -1142,12 +1135,10 @@ def test_cli_errors_print_no_traceback(monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_misspelled_flag_names_the_nearest_one(tmp_path, capsys):
+def test_misspelled_flag_is_one_line(tmp_path, capsys):
     code, _, err = run_main(TINY + ["--train_dir", str(tmp_path), "--out-dir", str(tmp_path / "r")], capsys)
-    assert code == 2 and "unrecognized argument '--train_dir'; did you mean --train-dir?" in err
-    code, _, err = run_main(TINY + ["--zzzzzz", "--out-dir", str(tmp_path / "r")], capsys)
-    assert code == 2 and "unrecognized argument '--zzzzzz'" in err and "did you mean" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert code == 2 and "customkd: error: unrecognized arguments: --train_dir" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
 def test_help_lists_every_flag_with_help_text():
@@ -1335,7 +1326,7 @@ def test_out_of_space_while_saving_keeps_the_last_checkpoint(tmp_path, capsys, m
     out = tmp_path / "r"
     code, _, err = run_main(TINY + ["--epochs", "3", "--out-dir", str(out)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert f"{out} is full (" in err and "MB free) writing checkpoint.pt" in err and "is intact" in err
+    assert f"cannot write {out / 'checkpoint.pt'} (No space left on device); any earlier checkpoint.pt is intact" in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the last good one, whole
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")] and len(rows(out)) == 1
     monkeypatch.setattr(ck, "open", open, raising=False)

@@ -7,8 +7,9 @@
 
 Every flag of customkd.py, and the run is customkd.py's; this file adds, through its hooks (parse, data,
 keep_features):
-  - class folders decoded once into a memory-mapped uint8 array in --cache-dir, reused while the image files stay
-    (the array's name hashes every file's path, size and modification time), so a run holds no copy in memory;
+  - class folders decoded once, by --workers processes, into a memory-mapped uint8 array in --cache-dir, reused while
+    the image files stay (the array's name hashes every file's path, size and modification time), so a run holds no
+    copy in memory;
   - --labeled-list: the labeled images by name, instead of --labels; --unlabeled-dir: another folder is D_U;
   - --teacher-cache: the teacher's features kept in --cache-dir under a hash of all that decides them, read back by
     later runs (any seed, split or student).
@@ -22,6 +23,7 @@ import shutil
 import socket
 import sys
 import time
+from functools import partial
 
 import timm
 import torch
@@ -38,6 +40,7 @@ def build_parser():
     add = p.add_argument_group("large settings (tools/large.py)").add_argument
     add("--labeled-list", help="folder dataset: file of training images, a name per line, labeled instead of --labels")
     add("--unlabeled-dir", help="folder dataset: class folders that are the unlabeled set instead (labels unread)")
+    add("--workers", type=ck.num(int, 1, 1024), help="processes that decode a folder (default: all cores)")
     return p
 
 
@@ -48,9 +51,9 @@ def parse_args(argv=None):
     for k, is_dir in (("unlabeled_dir", True), ("labeled_list", False)):
         path = getattr(args, k)
         if path is not None and args.dataset != "folder":
-            p.error(f"{ck.flag(k)} is only for --dataset folder")
+            p.error(f"--{k.replace('_', '-')} is only for --dataset folder")
         if path is not None and not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
-            p.error(f"{ck.flag(k)} {path!r} is not an existing {'folder' if is_dir else 'file'}")
+            p.error(f"--{k.replace('_', '-')} {path!r} is not an existing {'folder' if is_dir else 'file'}")
     return args
 
 
@@ -98,7 +101,7 @@ def decode_folder(files, args):
         tmp = f"{path}.partial-{socket.gethostname()}-{os.getpid()}"
         try:
             out = torch.from_file(tmp, shared=True, size=nbytes, dtype=torch.uint8).view(n, 3, size, size)
-            ck.decode_images(files, args, out)
+            decode_into(out, files, args)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -106,6 +109,25 @@ def decode_folder(files, args):
             if os.path.exists(tmp):
                 os.remove(tmp)
     return torch.from_file(path, size=nbytes, dtype=torch.uint8).view(n, 3, size, size)
+
+
+def decode_into(out, files, args):
+    """Decodes files into out (N, 3, S, S) with --workers processes (customkd.decode each), progress once a minute;
+    every unreadable file named as customkd.py names them."""
+    workers = args.workers or len(os.sched_getaffinity(0))
+    gen = torch.Generator()  # its own: a decode leaves the seeded global generator where it was
+    decode = partial(ck.decode, args.image_size)
+    loader = torch.utils.data.DataLoader(files, 256, num_workers=workers, collate_fn=decode, generator=gen)
+    bad = []
+    t0 = shown = time.time()
+    for i, (x, unreadable) in enumerate(loader):
+        out[i * 256 : i * 256 + len(x)] = x
+        bad += unreadable
+        if time.time() - shown > 60:
+            shown = time.time()
+            done = i * 256 + len(x)
+            ck.say(f"decoding: {done}/{len(files)}, {done / (shown - t0):.0f}/s")
+    ck.refuse_unreadable(bad, args)
 
 
 def read_labeled_list(path, names):
@@ -133,10 +155,27 @@ def keep_features(kd, make):
     dtype = torch.bfloat16 if kd.bf16 else torch.float32
     about = [kd.args.teacher, kd.args.teacher_kwargs, kd.args.teacher_res, cfg["mean"], cfg["std"], str(dtype)]
     about.append("pre-logits of each image and its mirror image")
-    digest = ck.fingerprint(about, kd.teacher, kd.x_pool, kd.x_test)
-    name = f"teacher-{re.sub(r'[^0-9A-Za-z]', '_', kd.args.teacher)}-{kd.args.teacher_res}px-{digest}.pt"
+    arrays = []
+    for x in (kd.x_pool, kd.x_test):  # a mapped array (decode_folder's) by its file's name, others by their bytes
+        mapped = x.untyped_storage().filename if x.device.type == "cpu" else None
+        about.append(os.path.basename(mapped) if mapped else "in memory")
+        arrays += [] if mapped else [x]
+    digest = ck.fingerprint(about, kd.teacher, *arrays)
+    path = os.path.join(kd.args.cache_dir, f"teacher-{re.sub(r'[^0-9A-Za-z]', '_', kd.args.teacher)}-")
+    path += f"{kd.args.teacher_res}px-{digest}.pt"
     shapes = {"cache_train": (2 * len(kd.x_pool), kd.d_t), "cache_test": (len(kd.x_test), kd.d_t)}
-    return ck.cached(kd, os.path.join(kd.args.cache_dir, name), shapes, "teacher features", make)
+    try:  # no file, a file cut short, other shapes: made anew. weights_only: never runs pickled code; mmap: as used
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        assert {k: v.shape for k, v in saved.items()} == shapes
+        ck.say(f"customkd: teacher features read from {path}, made by an earlier run")
+        return saved
+    except Exception:
+        pass
+    ck.say(f"customkd: teacher features, once, into {path}")
+    saved = make()  # every process makes them (no collective), rank 0 writes them
+    if ck.PROC.rank == 0:
+        ck.save_atomic(saved, path)
+    return saved
 
 
 def main(argv=None, teacher=None, student=None):

@@ -33,12 +33,15 @@ def ms(v):
 
 
 def load(pattern):
-    """{seed: summary} of the runs whose folder matches pattern (the seed is the folder's last '-' field)."""
-    return {
-        int(p.rstrip("/").rsplit("-", 1)[1]): json.load(open(os.path.join(p, "summary.json")))
-        for p in glob.glob(pattern)
-        if os.path.exists(os.path.join(p, "summary.json"))
-    }
+    """{seed: summary, its "args" from args.json} of the runs whose folder matches pattern (the seed is the folder's
+    last '-' field)."""
+    out = {}
+    for p in glob.glob(pattern):
+        if os.path.exists(os.path.join(p, "summary.json")):
+            run = json.load(open(os.path.join(p, "summary.json")))
+            run["args"] = json.load(open(os.path.join(p, "args.json")))
+            out[int(p.rstrip("/").rsplit("-", 1)[1])] = run
+    return out
 
 
 KINDS = {"lft": ("L_ft only (plain feature KD)", "C1"), "head": ("CustomKD, head's row space", "C0")}

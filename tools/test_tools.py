@@ -268,19 +268,17 @@ def test_folder_is_decoded_once_into_a_mapped_array_and_reused(tmp_path, monkeyp
 def test_interrupted_decode_leaves_nothing_that_is_reused(tmp_path, monkeypatch):
     write_folder(tmp_path / "src", ["cat", "dog"], 300, 0, size=(20, 20))
     args = src_args_large(tmp_path)
-    real = ck.progress
+    real = large.decode_into
 
-    def interrupted(items, *a, **k):
-        for i, item in enumerate(real(items, *a, **k)):
-            if i == 1:
-                raise KeyboardInterrupt
-            yield item
+    def interrupted(out, files, args):  # the first 256 images decoded, then Ctrl-C
+        out[:256] = ck.decode(args.image_size, files[:256])[0]
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "progress", interrupted)
+    monkeypatch.setattr(large, "decode_into", interrupted)
     with pytest.raises(KeyboardInterrupt):
         load_mapped(tmp_path / "src", args)
     assert os.listdir(tmp_path / "cache") == []  # neither a complete-looking array nor a partial one
-    monkeypatch.setattr(ck, "progress", real)
+    monkeypatch.setattr(large, "decode_into", real)
     x, _, _, names = load_mapped(tmp_path / "src", args)
     assert torch.equal(x[599], reference_decode(tmp_path / "src" / names[599], 32))
 
@@ -325,7 +323,7 @@ def test_labeled_list_picks_exactly_the_listed_images(tmp_path, capsys):
 def test_too_little_disk_for_the_array_stops_before_decoding(tmp_path, capsys, monkeypatch):
     write_folder(tmp_path / "src", ["cat", "dog"], 3, 0)
     write_folder(tmp_path / "test", ["cat", "dog"], 2, 1)
-    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr(large.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     code, _, err = run_large(folder_args(tmp_path, *folders(tmp_path, train="src", test="test", out="r")), capsys)
     assert code == 2 and "6 images at 32 px need 0.0 GB in --cache-dir: 0.0 GB free" in err
     assert os.listdir(tmp_path / "cache") == []
