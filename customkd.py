@@ -762,7 +762,7 @@ def pretrain_demo_models(kd, x, y, steps, own=()):
         try:  # an earlier run's; weights_only: never runs pickled code
             state = torch.load(path, map_location="cpu", weights_only=True)
             say(f"customkd: demo {role} read from {path}, made by an earlier run")
-        except (FileNotFoundError, RuntimeError):  # none yet, or one cut short (a bad copy, a full disk)
+        except (OSError, RuntimeError):  # none yet (or none readable), or one cut short (a bad copy, a full disk)
             say(f"customkd: demo {role} ({n} steps on {len(x)} images of other classes), once, into {path}")
             state = pretrain(kd, model, view, d, x, y, n, seed, lr)
             if PROC.rank == 0:
@@ -964,7 +964,7 @@ def save_atomic(obj, path):
     except OSError as e:  # a full disk, a folder that cannot be written
         name = os.path.basename(path)
         raise Abort(
-            f"cannot write {path} ({e.strerror}); any earlier {name} is intact: fix that, then --resume"
+            f"cannot write {path} ({e.strerror}); any earlier {name} is intact: fix that, rerun or --resume"
         ) from None
     finally:
         if os.path.exists(tmp):

@@ -1049,6 +1049,16 @@ def test_out_dir_that_is_a_file_or_unwritable(tmp_path, capsys):
         assert code == 2 and "cannot be made or written to (Permission denied)" in err
 
 
+def test_cache_dir_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    cache = tmp_path / "f" / "cache"  # below a file: the demo's models cannot be kept there
+    argv = TINY + ["--epochs", "1", "--demo-teacher-steps", "2", "--cache-dir", str(cache)]
+    code, _, err = run_main(argv + ["--out-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"cannot write {cache}/demo-teacher-" in err and "(Not a directory); any earlier demo-teacher-" in err
+    assert not (tmp_path / "r").exists() and (tmp_path / "f").read_text() == "x"
+
+
 SWEEP = ["0", "1", "-1", "nan", "inf", "1e30", "", "MISSING", "FILE", "DIR"]
 
 
