@@ -244,6 +244,7 @@ def setup(args, teacher=None, student=None, data=None, keep_features=None):
         cache_train=None,  # --teacher-cache: f_t of each training image and its flip (2N, d_t)
         history=[],  # one metrics row per epoch run so far
         t_start=time.time(),  # start of the run, earlier sessions' wall time included
+        time_cache=0.0,  # seconds spent on the teacher's features
         sample={},  # the last evaluation's f_s, f_t, f_t_custom, y on the CKA rows (features.pt)
     )
     args.teacher = type(teacher).__name__ if teacher is not None else args.teacher  # your own modules: by their class
@@ -292,13 +293,13 @@ def setup(args, teacher=None, student=None, data=None, keep_features=None):
                 os.remove(out_file(args, name))
         save_atomic(json.dumps(vars(args), indent=2) + "\n", out_file(args, "args.json"))
         save_atomic("".join(json.dumps(row) + "\n" for row in kd.history), out_file(args, "metrics.jsonl"))
-    kd.time_cache = 0.0  # seconds spent on the teacher's features
     if kd.teacher is not None:  # test features always (the teacher is frozen); train features with --teacher-cache
         build_teacher_cache(kd, args.teacher_cache, keep_features)
     sizes = f"{len(kd.labeled_idx)} labeled / {len(kd.unlabeled_idx)} unlabeled / {len(kd.x_test)} test"
     models = f"{args.student} <- {args.teacher if kd.teacher is not None else 'no teacher'}"
     machine = f"{device.type} x {PROC.world}, {'bf16' if kd.bf16 else 'fp32'}"
-    say(f"customkd: {args.dataset} {num_classes} classes, {sizes} | {models} | {machine} | f_t in {kd.time_cache:.1f}s")
+    cache = f"teacher features in {kd.time_cache:.1f}s"
+    say(f"customkd: {args.dataset} {num_classes} classes, {sizes} | {models} | {machine} | {cache}")
     return kd
 
 
@@ -759,11 +760,12 @@ def pretrain_demo_models(kd, x, y, steps, own=()):
         a = kd.args
         recipe = [role, getattr(a, role), getattr(a, f"{role}_kwargs"), getattr(a, f"{role}_res"), n, seed, lr, kd.bf16]
         path = os.path.join(a.cache_dir, f"demo-{role}-{fingerprint(recipe, model, x, y)}.pt")  # + initial weights
+        what = f"demo {role} ({n} steps on {len(x)} images of other classes)"
         try:  # an earlier run's; weights_only: never runs pickled code
             state = torch.load(path, map_location="cpu", weights_only=True)
-            say(f"customkd: demo {role} read from {path}, made by an earlier run")
+            say(f"customkd: {what} read from {path}, made by an earlier run")
         except (OSError, RuntimeError):  # none yet (or none readable), or one cut short (a bad copy, a full disk)
-            say(f"customkd: demo {role} ({n} steps on {len(x)} images of other classes), once, into {path}")
+            say(f"customkd: {what}, once, into {path}")
             state = pretrain(kd, model, view, d, x, y, n, seed, lr)
             if PROC.rank == 0:
                 save_atomic(state, path)
@@ -814,12 +816,13 @@ def build_teacher_cache(kd, with_train, keep=None):
     def make():
         return {"cache_train": compute(kd.x_pool, 2), "cache_test": compute(kd.x_test, 1)}
 
-    say(f"customkd: the teacher's features of the test images{' and the training images' * with_train}, once")
     if not with_train:
+        say(f"customkd: teacher features of {len(kd.x_test)} test images")
         saved = {"cache_test": compute(kd.x_test, 1)}
     elif keep is not None:
         saved = keep(kd, make)
     else:
+        say(f"customkd: teacher features of {len(kd.x_pool)} training images, mirrored too, and the test images")
         saved = make()
     if with_train:
         kd.cache_train = to_device_if_fits(saved["cache_train"], kd.device)  # image i at row 2i, its mirror at 2i+1
@@ -944,7 +947,8 @@ def summarise(kd):
         save_atomic(kd.sample, out_file(kd.args, "features.pt"))  # f_s, f_t, f_t_custom, y: CKA's sample
         save_atomic(json.dumps(summary, indent=2) + "\n", out_file(kd.args, "summary.json"))
     accuracy = f"{summary['acc_student_last']:.4f} (best epoch: {summary['acc_student_best']:.4f})"
-    say(f"customkd: last-epoch student accuracy {accuracy}; wall {summary['wall_time_s']:.0f}s; in {kd.args.out_dir}")
+    wall = f"{summary['wall_time_s']:.0f}s"
+    say(f"customkd: last-epoch student accuracy {accuracy}; wall {wall}; outputs in {kd.args.out_dir}")
     return summary
 
 
