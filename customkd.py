@@ -267,7 +267,7 @@ def setup(args, teacher=None, student=None, data=None, keep_features=None):
     if ckpt is not None and not torch.equal(ckpt["labeled_idx"], kd.labeled_idx):
         raise Abort("--resume: the labeled split differs from the checkpoint's (different data?)")
     kd.x_pool = to_device_if_fits(data["train_x"], device)  # uint8 training images; y_pool: their labels (-1: unread)
-    kd.x_test = to_device_if_fits(data["test_x"], device)
+    kd.x_test = to_device_if_fits(data["test_x"], device)  # test images, y_test their labels
     kd.y_pool = data["train_y"].to(device)
     kd.y_test = data["test_y"].to(device)
     kd.pad = kd.x_pool.shape[-1] // 8  # the crop's padding: 1/8 of the images' side
@@ -728,10 +728,10 @@ def build(kd, num_classes, teacher=None, student=None):
             student = create_model(args, "student", num_classes)
         if teacher is None and use_teacher:
             teacher = create_model(args, "teacher", 0)
-    kd.d_s, kd.view_s = prepare_model(student, "student", args.student_res, device, kd.bf16)  # channels_last: bf16
+    kd.d_s, kd.view_s = prepare_model(student, "student", args.student_res, device, kd.bf16)  # width of f_s; S's input
     if use_teacher:
-        kd.d_t, kd.view_t = prepare_model(teacher, "teacher", args.teacher_res, device, kd.bf16)
-    kd.student = student
+        kd.d_t, kd.view_t = prepare_model(teacher, "teacher", args.teacher_res, device, kd.bf16)  # the same for T
+    kd.student = student  # S, with h
     kd.head = student.get_classifier()  # h
     if kd.head(torch.zeros(1, kd.d_s, device=device)).shape[-1] != num_classes:
         raise Abort(f"the student head must output {num_classes} classes")
@@ -745,7 +745,7 @@ def build(kd, num_classes, teacher=None, student=None):
         set_stage(kd, 1)  # DDP averages the gradients of what requires grad when it is built
         kd.customizer = ddp(nn.Sequential(kd.proj_custom, kd.head_c))  # f_t -> h(P_c(f_t))
     set_stage(kd, 2)
-    kd.student_side = compiled(ddp(StudentSide(student, kd.proj_general)))
+    kd.student_side = compiled(ddp(StudentSide(student, kd.proj_general)))  # stage 2's x -> f_s, h(f_s), P_g(f_s)
 
 
 def pretrain_demo_models(kd, x, y, steps, own=()):
