@@ -770,8 +770,9 @@ def pretrain_demo_models(kd, x, y, steps, own=()):
             if PROC.rank == 0:
                 save_atomic(state, path)
         model.load_state_dict(state)
-        for p in model.parameters() if PROC.world > 1 else []:  # every process keeps rank 0's (kernels may differ)
-            dist.broadcast(p.data, 0)
+        if PROC.world > 1:  # every process keeps rank 0's (kernels may differ)
+            for p in model.parameters():
+                dist.broadcast(p.data, 0)
     set_stage(kd, 2)  # the teacher frozen from now on
 
 
@@ -872,10 +873,11 @@ def global_batch(batch, n):
 
 def average_buffers(model):
     """BatchNorm running statistics: kept per process within an epoch, averaged over the processes at its end."""
-    for b in model.buffers() if PROC.world > 1 else []:
-        if b.is_floating_point():
-            dist.all_reduce(b)
-            b /= PROC.world
+    if PROC.world > 1:
+        for b in model.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b /= PROC.world
 
 
 # ================================================================ 7. logs, checkpoints, errors, main
@@ -888,9 +890,10 @@ def timings(stage, t0, n_img, device):
 def epoch_means(kd, epoch, log):
     """Means of a stage's loss terms over steps and processes; a non-finite term stops the run, naming it."""
     terms = {k: torch.stack([step[k].float() for step in log]) for k in log[0]}  # (steps,) each
-    for v in terms.values() if PROC.world > 1 else []:
-        dist.all_reduce(v)
-        v /= PROC.world
+    if PROC.world > 1:
+        for v in terms.values():
+            dist.all_reduce(v)
+            v /= PROC.world
     bad = ~torch.stack(list(terms.values())).isfinite()  # (terms, steps)
     if bad.any():  # the terms that were non-finite first (later steps inherit the damage)
         bad = [k for k, b in zip(terms, bad[:, bad.any(0).nonzero()[0, 0]]) if b]
@@ -941,8 +944,9 @@ def summarise(kd):
         wall_time_s=time.time() - kd.t_start,
     )
     summary["time/teacher_cache_s"] = kd.time_cache
-    for k in ("time/customize_s", "time/distill_s", "time/eval_s", "mem/peak_mb"):
-        summary[k] = max(row[k] or 0 for row in h) if k.startswith("mem") else sum(row[k] or 0 for row in h)
+    for k in ("time/customize_s", "time/distill_s", "time/eval_s"):
+        summary[k] = sum(row[k] or 0 for row in h)
+    summary["mem/peak_mb"] = max(row["mem/peak_mb"] for row in h)
     if PROC.rank == 0:
         save_atomic(kd.sample, out_file(kd.args, "features.pt"))  # f_s, f_t, f_t_custom, y: CKA's sample
         save_atomic(json.dumps(summary, indent=2) + "\n", out_file(kd.args, "summary.json"))
