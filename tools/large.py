@@ -159,10 +159,11 @@ def keep_features(kd, make):
     for x in (kd.x_pool, kd.x_test):  # a mapped array (decode_folder's) by its file's name, others by their bytes
         mapped = x.untyped_storage().filename if x.device.type == "cpu" else None
         about.append(os.path.basename(mapped) if mapped else "in memory")
-        arrays += [] if mapped else [x]
+        if not mapped:
+            arrays.append(x)
     digest = ck.fingerprint(about, kd.teacher, *arrays)
-    path = os.path.join(kd.args.cache_dir, f"teacher-{re.sub(r'[^0-9A-Za-z]', '_', kd.args.teacher)}-")
-    path += f"{kd.args.teacher_res}px-{digest}.pt"
+    name = f"teacher-{re.sub(r'[^0-9A-Za-z]', '_', kd.args.teacher)}-{kd.args.teacher_res}px-{digest}.pt"
+    path = os.path.join(kd.args.cache_dir, name)
     shapes = {"cache_train": (2 * len(kd.x_pool), kd.d_t), "cache_test": (len(kd.x_test), kd.d_t)}
     try:  # no file, a file cut short, other shapes: made anew. weights_only: never runs pickled code; mmap: as used
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
