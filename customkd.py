@@ -896,10 +896,10 @@ def epoch_means(kd, epoch, log):
             v /= PROC.world
     bad = ~torch.stack(list(terms.values())).isfinite()  # (terms, steps)
     if bad.any():  # the terms that were non-finite first (later steps inherit the damage)
-        bad = [k for k, b in zip(terms, bad[:, bad.any(0).nonzero()[0, 0]]) if b]
+        culprits = [k for k, b in zip(terms, bad[:, bad.any(0).nonzero()[0, 0]]) if b]
         kept = f"the checkpoint of epoch {epoch} in {kd.args.out_dir} is kept" if epoch else "no checkpoint was written"
         fix = "lower --lr or that loss weight" + (", then --resume" if epoch else "")
-        raise Abort(f"{' and '.join(bad)} became non-finite in epoch {epoch + 1}; stopped; {kept} ({fix})", 3)
+        raise Abort(f"{' and '.join(culprits)} became non-finite in epoch {epoch + 1}; stopped; {kept} ({fix})", 3)
     return {k: v.mean().item() for k, v in terms.items()}
 
 
