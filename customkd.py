@@ -1005,14 +1005,22 @@ def load_checkpoint(args):
     path = out_file(args, "checkpoint.pt")
     try:  # a missing file too
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(ckpt, dict) and "identity" in ckpt
     except Exception as e:
         raise Abort(f"--resume: no readable CustomKD checkpoint at {path} ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "identity" not in ckpt:
+        raise Abort(f"--resume: no readable CustomKD checkpoint at {path} (a file of another kind)")
     for k in IDENTITY:
         if ckpt["identity"].get(k) != getattr(args, k, None):
             was = f"--{k.replace('_', '-')} {ckpt['identity'].get(k)}, not {getattr(args, k, None)}"
             raise Abort(f"--resume: {path} was written with {was}; use the original value or another --out-dir")
     return ckpt
+
+
+def how_to_go_on(args):
+    """After a run stopped: resume from its last checkpoint, or, if no epoch had finished, start it again."""
+    if args is not None and os.path.exists(out_file(args, "checkpoint.pt")):
+        return "checkpoint.pt is intact: add --resume"
+    return "no epoch had finished, so there is no checkpoint: start again (with --overwrite if the run folder is left)"
 
 
 def console_line(row, epochs):
@@ -1048,6 +1056,7 @@ def main(argv=None, teacher=None, student=None, parse=parse_args, **hooks):
     a non-finite loss) are one line and an exit code; anything else shows its traceback."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends a run as Ctrl-C does
     made = None
+    args = None
     try:
         args = parse(argv)
         made = make_run_folder(args)
@@ -1060,9 +1069,9 @@ def main(argv=None, teacher=None, student=None, parse=parse_args, **hooks):
     except KeyboardInterrupt:
         if PROC.rank > 0:
             raise SystemExit(130)
-        fail("interrupted (Ctrl-C, SIGTERM, or a failed torchrun process); checkpoint.pt is intact: add --resume", 130)
+        fail(f"interrupted (Ctrl-C, SIGTERM, or a failed torchrun process); {how_to_go_on(args)}", 130)
     except dist.DistError as e:  # another process of the torchrun job died; its own error says why
-        fail(f"another torchrun process failed ({type(e).__name__}); checkpoint.pt is intact: add --resume", 1)
+        fail(f"another torchrun process failed ({type(e).__name__}); {how_to_go_on(args)}", 1)
     except Exception as e:
         traceback.print_exc()
         what = "a bug (in this file or in code you passed to it) or a fault of the machine"

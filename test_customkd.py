@@ -1197,6 +1197,9 @@ def test_resume_refuses_bad_checkpoints(tmp_path, capsys):
     torch.save({"identity": {}, "payload": TinyNet(2)}, out / "checkpoint.pt")  # pickled code: must not be loaded
     code, _, err = run_main(TINY + ["--resume", "--out-dir", str(out)], capsys)
     assert code == 2 and "no readable CustomKD checkpoint" in err
+    torch.save({"epoch": 1}, out / "checkpoint.pt")  # readable, but not a CustomKD checkpoint
+    code, _, err = run_main(TINY + ["--resume", "--out-dir", str(out)], capsys)
+    assert code == 2 and "no readable CustomKD checkpoint" in err and "a file of another kind" in err
 
 
 def test_interrupted_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1226,6 +1229,27 @@ def test_non_finite_loss_stops_and_says_what_is_kept(tmp_path, capsys, monkeypat
     else:
         assert "checkpoint of epoch 1" in err and "--resume" in err
         assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("stop_epoch", [0, 1])
+def test_interruption_says_whether_there_is_a_checkpoint_to_resume(tmp_path, capsys, monkeypatch, stop_epoch):
+    real = ck.customize_epoch
+
+    def interrupted(kd, epoch):
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt  # as Ctrl-C or SIGTERM during this epoch's stage 1
+        return real(kd, epoch)
+
+    monkeypatch.setattr(ck, "customize_epoch", interrupted)
+    out = tmp_path / "r"
+    code, _, err = run_main(TINY + ["--out-dir", str(out)], capsys)
+    assert code == 130 and err.count("\n") == 1 and "interrupted" in err
+    if stop_epoch == 0:
+        assert "no checkpoint: start again (with --overwrite" in err and not (out / "checkpoint.pt").exists()
+        monkeypatch.setattr(ck, "customize_epoch", real)
+        assert run_main(TINY + ["--out-dir", str(out), "--overwrite"])[0] == 0
+    else:
+        assert "checkpoint.pt is intact: add --resume" in err and len(rows(out)) == 1
 
 
 DET = TINY + ["--epochs", "3", "--deterministic"]
