@@ -10,8 +10,8 @@ Edge Model Improvement via Knowledge Distillation", CVPR 2025, arXiv:2503.18244.
 
 Measured (torch 2.14.1, timm 1.0.31, a 2-core AMD EPYC with AVX-512, no GPU; last-epoch accuracy, seed means): CustomKD
 with L_f~t in the head's row space (default) / over all of f_s (the paper's wording) / L_ft only: the demo (seeds 0-4)
-0.820 / 0.691 / 0.704; real photos (docs/real-photos.md: CIFAR-10, a CIFAR-100 ResNet-56 teacher; seeds 0-2), 1 % labels
-0.478 / 0.447 / 0.443, 4 per class 0.352 / 0.295 / 0.300. Spreads, wall times, other rows: docs/. GPU: not yet measured.
+0.820 / 0.691 / 0.704; real photos (docs/real-photos.md: CIFAR-10, a CIFAR-100 ResNet-56 teacher; seeds 0-4), 1 % labels
+0.476 / 0.448 / 0.443, 4 per class 0.358 / 0.295 / 0.298. Spreads, wall times, other rows: docs/. GPU: not yet measured.
 """
 
 import argparse
